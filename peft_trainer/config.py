@@ -1,0 +1,178 @@
+"""LoraConfig: the dataclass behind adapter_config.json, with PEFT 0.21's field names, defaults and validation."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+CONFIG_NAME = "adapter_config.json"
+# The PEFT release whose adapter_config.json layout this project writes byte for byte.
+PEFT_FORMAT_VERSION = "0.21.2"
+TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+SUPPORTED_INITS = (True, False, "gaussian")
+
+# Fields PEFT writes for features this project does not implement, with the value that means "not used".
+_UNSUPPORTED_DEFAULTS: dict[str, Any] = {
+    "alora_invocation_tokens": None,
+    "arrow_config": None,
+    "corda_config": None,
+    "ensure_weight_tying": False,
+    "eva_config": None,
+    "kasa_config": None,
+    "layer_replication": None,
+    "loftq_config": {},
+    "lora_bias": False,
+    "lora_ga_config": None,
+    "megatron_config": None,
+    "monteclora_config": None,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+    "use_bdlora": None,
+    "use_dora": False,
+    "use_qalora": False,
+    "velora_config": None,
+}
+# Written verbatim so the file matches PEFT's; ignored on load.
+_INERT_DEFAULTS: dict[str, Any] = {"megatron_core": "megatron.core", "qalora_group_size": 16}
+
+
+@dataclass
+class LoraConfig:
+    """LoRA hyperparameters; field names and meanings are PEFT's (``peft.LoraConfig``)."""
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    bias: str = "none"
+    use_rslora: bool = False
+    modules_to_save: list[str] | None = None
+    fan_in_fan_out: bool = False
+    init_lora_weights: bool | str = True
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    task_type: str | None = None
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+    inference_mode: bool = False
+    auto_mapping: dict[str, str] | None = None
+    peft_type: str = "LORA"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.exclude_modules, (set, tuple)):
+            self.exclude_modules = sorted(self.exclude_modules)
+        if isinstance(self.modules_to_save, (set, tuple)):
+            self.modules_to_save = list(self.modules_to_save)
+        self.validate()
+
+    def validate(self) -> None:
+        """Collect every problem and raise one ValueError naming each field and the fix."""
+        problems = []
+        if self.peft_type != "LORA":
+            problems.append(f"peft_type={self.peft_type!r}: only 'LORA' adapters are supported")
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            problems.append(f"r={self.r!r}: the rank must be a positive integer")
+        if not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool):
+            problems.append(f"lora_alpha={self.lora_alpha!r}: must be a number")
+        if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
+            problems.append(f"lora_dropout={self.lora_dropout!r}: must be a number in [0, 1)")
+        if self.bias not in ("none", "all", "lora_only"):
+            problems.append(f"bias={self.bias!r}: use 'none', 'all' or 'lora_only'")
+        if self.init_lora_weights not in SUPPORTED_INITS or (
+            isinstance(self.init_lora_weights, (int, float)) and not isinstance(self.init_lora_weights, bool)
+        ):
+            problems.append(
+                f"init_lora_weights={self.init_lora_weights!r}: this project implements true, false and 'gaussian'"
+            )
+        if self.task_type is not None and self.task_type not in TASK_TYPES:
+            problems.append(f"task_type={self.task_type!r}: use one of {', '.join(TASK_TYPES)} or null")
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str) and not all(isinstance(v, str) for v in value):
+                problems.append(f"{name}={value!r}: must be a list of module names, a regex string or null")
+        for name in ("rank_pattern", "alpha_pattern"):
+            value = getattr(self, name)
+            if not isinstance(value, dict):
+                problems.append(f"{name}={value!r}: must be a mapping of module-name regex to number")
+            elif name == "rank_pattern" and any(not isinstance(v, int) or v <= 0 for v in value.values()):
+                problems.append(f"rank_pattern={value!r}: ranks must be positive integers")
+        has_layers = self.layers_to_transform is not None or self.layers_pattern is not None
+        if has_layers and isinstance(self.target_modules, str):
+            problems.append("layers_to_transform/layers_pattern cannot be combined with a regex target_modules")
+        if self.layers_pattern is not None and self.layers_to_transform is None:
+            problems.append("layers_pattern is set but layers_to_transform is not: set both or neither")
+        if problems:
+            raise ValueError("Invalid LoraConfig:\n  - " + "\n  - ".join(problems))
+
+    @property
+    def is_all_linear(self) -> bool:
+        return isinstance(self.target_modules, str) and self.target_modules.lower() == "all-linear"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The dict PEFT 0.21 writes: all 41 keys, lists sorted where PEFT holds sets."""
+        d = {**_UNSUPPORTED_DEFAULTS, **_INERT_DEFAULTS, **asdict(self)}
+        if isinstance(d["target_modules"], list):
+            d["target_modules"] = sorted(set(d["target_modules"]))
+        if isinstance(d["exclude_modules"], list):
+            d["exclude_modules"] = sorted(set(d["exclude_modules"]))
+        d["peft_version"] = PEFT_FORMAT_VERSION
+        return d
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        os.makedirs(save_directory, exist_ok=True)
+        with open(os.path.join(save_directory, CONFIG_NAME), "w", encoding="utf-8") as f:
+            f.write(self.to_json_string())
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "adapter config") -> LoraConfig:
+        """Build from an adapter_config.json dict; features this project lacks are refused, never dropped."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        if "peft_type" in data and data["peft_type"] != "LORA":
+            raise ValueError(
+                f"{source}: peft_type={data['peft_type']!r} is not supported; this project loads LoRA adapters "
+                "(peft_type 'LORA') only"
+            )
+        problems = [
+            f"{key}={data[key]!r} (this project implements plain LoRA; retrain without it or load it with peft)"
+            for key, default in _UNSUPPORTED_DEFAULTS.items()
+            if key in data and data[key] not in (default, None) and not (default == {} and data[key] == {})
+        ]
+        if problems:
+            raise ValueError(f"{source} asks for features this project does not implement:\n  - " + "\n  - ".join(problems))
+        known = {f.name for f in fields(cls)}
+        ignored = set(_UNSUPPORTED_DEFAULTS) | set(_INERT_DEFAULTS) | {"peft_version", "runtime_config"}
+        unknown = sorted(set(data) - known - ignored)
+        if unknown:
+            warnings.warn(f"{source}: unexpected keys {unknown} for LoraConfig are ignored", UserWarning, stacklevel=2)
+        kwargs = {k: v for k, v in data.items() if k in known}
+        try:
+            return cls(**kwargs)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+        except TypeError as e:
+            raise ValueError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, subfolder: str | None = None, **hub_kwargs: Any) -> LoraConfig:
+        """Read adapter_config.json from a local folder or a Hub repo id."""
+        from .io import resolve_adapter_file
+
+        file = resolve_adapter_file(path, CONFIG_NAME, subfolder=subfolder, **hub_kwargs)
+        try:
+            with open(file, encoding="utf-8") as f:
+                data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file} is not valid JSON ({e}); the adapter config is corrupt") from None
+        return cls.from_dict(data, source=str(file))

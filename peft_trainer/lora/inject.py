@@ -1,0 +1,222 @@
+"""Target matching (names, dotted suffixes, regex, "all-linear", exclusions, layer filters) and module replacement."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Iterator
+
+from torch import nn
+
+from ..config import LoraConfig
+from .layer import AdapterState, Embedding, Linear, LoraLayer, ModulesToSaveWrapper
+
+# PEFT compresses long target lists to the shortest separating suffixes from this length on.
+MIN_TARGET_MODULES_FOR_OPTIMIZATION = 20
+AUTO_MODULES_TO_SAVE = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"]}
+AUTO_MODULES_TO_SAVE["QUESTION_ANS"] = ["qa_outputs"]
+# PEFT's per-architecture defaults when target_modules is None (the common ones).
+DEFAULT_TARGETS = {
+    "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"], "phi3": ["qkv_proj"], "gpt2": ["c_attn"],
+    "bert": ["query", "value"], "roberta": ["query", "value"], "opt": ["q_proj", "v_proj"],
+    "gpt_neox": ["query_key_value"], "falcon": ["query_key_value"], "t5": ["q", "v"], "bloom": ["query_key_value"],
+}  # fmt: skip
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def is_supported(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, nn.Embedding, LoraLayer)) or _is_conv1d(module)
+
+
+def _is_linear(module: nn.Module) -> bool:
+    if isinstance(module, LoraLayer):
+        return not isinstance(module, Embedding)
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+def candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) pairs a config may target: everything except LoRA internals and wrapped copies."""
+    skip: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(s) for s in skip):
+            continue
+        if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+            skip.append(name + ".")
+        yield name, module
+
+
+def _layer_index(key: str, layers_pattern: list[str] | str | None) -> int | None:
+    if layers_pattern is None:
+        m = re.match(r".*?\.[^.]*\.(\d+)\.", key)
+        return int(m.group(1)) if m else None
+    for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+        m = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", key)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def matches_target(config: LoraConfig, key: str) -> bool:
+    """PEFT's rule: regex string = full match; list = exact name or dotted suffix; then the layer filter."""
+    targets = config.target_modules
+    if isinstance(targets, str):
+        return re.fullmatch(targets, key) is not None
+    if not targets or not any(key == t or key.endswith("." + t) for t in targets):
+        return False
+    if config.layers_to_transform is None:
+        return True
+    index = _layer_index(key, config.layers_pattern)
+    wanted = config.layers_to_transform
+    return index is not None and index in ([wanted] if isinstance(wanted, int) else wanted)
+
+
+def is_excluded(config: LoraConfig, key: str) -> bool:
+    excl = config.exclude_modules
+    if excl is None:
+        return False
+    if isinstance(excl, str):
+        return re.fullmatch(excl, key) is not None
+    return any(key == e or key.endswith("." + e) for e in excl)
+
+
+def _in_modules_to_save(config: LoraConfig, key: str) -> bool:
+    return any(re.match(rf"(^|.*\.){re.escape(name)}($|\..*)", key) for name in config.modules_to_save or [])
+
+
+def pattern_value(patterns: dict, key: str, default):
+    """First rank_pattern/alpha_pattern entry whose regex matches a dotted suffix of ``key``."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            return value
+    return default
+
+
+def minimal_suffixes(targets: set[str], others: set[str]) -> set[str]:
+    """Shortest dotted suffixes that still separate ``targets`` from ``others`` (PEFT's compression)."""
+
+    def suffixes(name: str) -> list[str]:
+        parts = name.split(".")
+        return [".".join(parts[i:]) for i in range(len(parts))][::-1]
+
+    other_suffixes = {s for name in others for s in suffixes(name)}
+    required: set[str] = set()
+    for name, options in sorted(((t, suffixes(t)) for t in targets), key=lambda item: item[1]):
+        for suffix in options:
+            if suffix in required or suffix in other_suffixes:
+                continue
+            if not any(name.endswith("." + r) for r in required):
+                required.add(suffix)
+                break
+    return required or set(targets)
+
+
+def resolve_targets(model: nn.Module, config: LoraConfig) -> None:
+    """Fill in what PEFT fills in before matching: defaults, "all-linear" expansion, auto modules_to_save."""
+    if config.task_type in AUTO_MODULES_TO_SAVE:
+        extra = AUTO_MODULES_TO_SAVE[config.task_type]
+        config.modules_to_save = list(dict.fromkeys([*(config.modules_to_save or []), *extra]))
+    if config.target_modules is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_TARGETS:
+            raise ValueError(
+                f"target_modules is not set and there is no default for model type {model_type!r}; "
+                f"set target_modules, e.g. to 'all-linear' or some of {_candidate_names(model)}"
+            )
+        config.target_modules = list(DEFAULT_TARGETS[model_type])
+    if config.is_all_linear:
+        excluded = set()
+        get_out = getattr(model, "get_output_embeddings", None)
+        output = get_out() if callable(get_out) else None
+        if output is None and config.task_type == "SEQ_CLS":
+            output = next((getattr(model, n) for n in ("score", "classifier") if hasattr(model, n)), None)
+        for name, module in candidate_modules(model):
+            if output is not None and module is output:
+                excluded.add(name)
+        names = {n for n, m in candidate_modules(model) if _is_linear(m) and n not in excluded}
+        config.target_modules = sorted(names)
+    targets = config.target_modules
+    if isinstance(targets, list) and len(targets) >= MIN_TARGET_MODULES_FOR_OPTIMIZATION:
+        ends = tuple("." + t for t in targets)
+        others = {n for n, _ in candidate_modules(model) if n not in targets and not n.endswith(ends)}
+        compressed = minimal_suffixes(set(targets), others)
+        if len(compressed) < len(targets):
+            config.target_modules = sorted(compressed)
+
+
+def _candidate_names(model: nn.Module) -> list[str]:
+    return sorted({n.rsplit(".", 1)[-1] for n, m in candidate_modules(model) if is_supported(m)})
+
+
+def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Names of the modules ``config`` adapts; raises ValueError listing the candidates when none match."""
+    matched, excluded = [], []
+    for name, module in candidate_modules(model):
+        if _in_modules_to_save(config, name):
+            continue
+        if is_excluded(config, name):
+            excluded.append(name)
+            continue
+        if matches_target(config, name):
+            matched.append(name)
+    if matched:
+        return matched
+    hint = f"Modules that can be adapted here: {_candidate_names(model)}."
+    if config.layers_to_transform is not None:
+        hint += f" layers_to_transform={config.layers_to_transform} and layers_pattern={config.layers_pattern} apply."
+    if excluded:
+        raise ValueError(f"All modules matching target_modules were excluded by exclude_modules. {hint}")
+    raise ValueError(f"Target modules {config.target_modules} not found in the base model. {hint}")
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def inject(model: nn.Module, config: LoraConfig, name: str, state: AdapterState) -> list[nn.Module]:
+    """Add adapter ``name`` to every target of ``model`` (in place); returns the LoRA layers and wrappers touched.
+
+    Raises before changing anything when a target is unsupported or already holds ``name``.
+    """
+    resolve_targets(model, config)
+    targets = find_targets(model, config)
+    for key in targets:
+        module = model.get_submodule(key)
+        if isinstance(module, LoraLayer) and name in module.r:
+            raise ValueError(f"Module {key} already has a LoRA adapter named {name!r}; use another adapter name")
+        if not is_supported(module):
+            raise ValueError(
+                f"Target module {key} ({type(module).__name__}) is not supported; LoRA here adapts "
+                "torch.nn.Linear, torch.nn.Embedding and transformers Conv1D layers"
+            )
+    touched: list[nn.Module] = []
+    for key in targets:
+        module = model.get_submodule(key)
+        if not isinstance(module, LoraLayer):
+            if isinstance(module, nn.Embedding):
+                module = Embedding(module, state)
+            else:
+                conv1d = _is_conv1d(module)
+                if conv1d != config.fan_in_fan_out:
+                    warnings.warn(
+                        f"fan_in_fan_out is set to {conv1d} for {key} ({type(module).__name__})", UserWarning, 2
+                    )
+                    config.fan_in_fan_out = conv1d
+                module = Linear(module, state, fan_in_fan_out=conv1d)
+            _set_module(model, key, module)
+        r = pattern_value(config.rank_pattern, key, config.r)
+        alpha = pattern_value(config.alpha_pattern, key, config.lora_alpha)
+        module.update_layer(name, r, alpha, config.lora_dropout, config.init_lora_weights, config.use_rslora)
+        touched.append(module)
+    for key, module in list(candidate_modules(model)):
+        if any(key.endswith(m) for m in config.modules_to_save or []):
+            if not isinstance(module, ModulesToSaveWrapper):
+                module = ModulesToSaveWrapper(module, state)
+                _set_module(model, key, module)
+            module.update_layer(name)
+            touched.append(module)
+    return touched

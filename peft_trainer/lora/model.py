@@ -1,0 +1,484 @@
+"""PeftModel: a transformers model with LoRA adapters beside it; switch, disable, merge, save and load them."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import os
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import io
+from ..config import LoraConfig
+from .inject import inject
+from .layer import AdapterState, Embedding, Linear, LoraLayer, ModulesToSaveWrapper, RowGroups
+
+BASE = "__base__"
+
+
+class PeftModel(nn.Module):
+    """Wraps ``base_model`` (modified in place) and keeps the adapters' configs and the active-adapter state.
+
+    Attribute access falls through to the base model, so the Trainer and user code see ``config``,
+    ``generate``, ``get_input_embeddings`` and friends as on the base.
+    """
+
+    _hf_peft_config_loaded = True  # lets transformers' Trainer fine-tune quantized bases through this wrapper
+
+    def __new__(cls, base_model: nn.Module | None = None, *args: Any, **kwargs: Any) -> PeftModel:
+        return super().__new__(cls if base_model is None else _class_for(cls, type(base_model)))
+
+    def __init__(self, base_model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        if any(isinstance(m, (LoraLayer, ModulesToSaveWrapper)) for m in base_model.modules()):
+            raise ValueError(
+                "This model already has LoRA layers: wrap it once and call add_adapter() for more adapters, "
+                "or unload() the existing ones first"
+            )
+        self.base_model = base_model
+        self.peft_config: dict[str, LoraConfig] = {}
+        self.adapter_state = AdapterState()
+        self._adapter_params: dict[str, list[nn.Parameter]] = {}
+        for p in base_model.parameters():
+            p.requires_grad_(False)
+        self.add_adapter(adapter_name, config)
+        self.set_adapter(adapter_name)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    # ---- adapters -------------------------------------------------------------------------------------------
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self.adapter_state.active)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        active = self.active_adapters
+        return active[0] if len(active) == 1 else active
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model
+
+    def add_adapter(self, adapter_name: str, peft_config: LoraConfig) -> None:
+        """Inject a new, inactive adapter; a duplicate or failing name leaves the model unchanged."""
+        io.validate_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise ValueError(f"Adapter with name {adapter_name!r} already exists.")
+        if peft_config.bias != "none" and any(c.bias != "none" for c in self.peft_config.values()):
+            raise ValueError("Only one adapter per model can have bias != 'none'")
+        config = copy.deepcopy(peft_config)
+        try:
+            layers = inject(self.base_model, config, adapter_name, self.adapter_state)
+        except Exception:
+            self._remove_adapter_modules(adapter_name)
+            raise
+        self.peft_config[adapter_name] = config
+        params = [p for layer in layers for p in layer.adapter_parameters(adapter_name)]
+        params += self._bias_parameters(config)
+        self._adapter_params[adapter_name] = params
+        self._set_trainable(adapter_name, False)
+
+    def _bias_parameters(self, config: LoraConfig) -> list[nn.Parameter]:
+        if config.bias == "none":
+            return []
+        if config.bias == "lora_only":
+            layers = [m for m in self.base_model.modules() if isinstance(m, LoraLayer)]
+            return [m.base_layer.bias for m in layers if getattr(m.base_layer, "bias", None) is not None]
+        return [p for k, p in self._plain_named_parameters() if k.endswith(".bias")]
+
+    def _plain_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """Base-model parameters outside LoRA factors and modules_to_save copies."""
+        for k, p in self.base_model.named_parameters():
+            if ".lora_" not in k and ".modules_to_save." not in k and ".original_module." not in k:
+                yield k, p
+
+    def _set_trainable(self, name: str, trainable: bool) -> None:
+        for p in self._adapter_params.get(name, []):
+            p.requires_grad_(trainable)
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Make ``adapter_name`` (or several, whose deltas add up) active; O(1) for inference-only adapters."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"Adapter(s) {unknown} not found; available: {list(self.peft_config)}")
+        state = self.adapter_state
+        if state.merged:
+            warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.", stacklevel=2)
+            self.unmerge_adapter()
+        for name in state.active:
+            if not self.peft_config[name].inference_mode:
+                self._set_trainable(name, False)
+        state.active = tuple(names)
+        state.refresh()
+        for name in names:
+            if not (inference_mode or self.peft_config[name].inference_mode):
+                self._set_trainable(name, True)
+
+    def _layers(self) -> Iterator[tuple[str, LoraLayer | ModulesToSaveWrapper]]:
+        for path, module in self.base_model.named_modules():
+            if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+                yield path, module
+
+    def _remove_adapter_modules(self, name: str) -> None:
+        """Drop ``name`` from every layer and put back the plain module where no adapter is left."""
+        for path, layer in list(self._layers()):
+            layer.delete_adapter(name)
+            if not layer.adapter_names:
+                plain = layer.base_layer if isinstance(layer, LoraLayer) else layer.original_module
+                parent, _, child = path.rpartition(".")
+                setattr(self.base_model.get_submodule(parent) if parent else self.base_model, child, plain)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name} does not exist")
+        state = self.adapter_state
+        if adapter_name in state.merged:
+            raise ValueError(f"Cannot delete adapter(s) [{adapter_name!r}] while they are merged. Unmerge them first.")
+        self._remove_adapter_modules(adapter_name)
+        del self.peft_config[adapter_name]
+        del self._adapter_params[adapter_name]
+        if adapter_name in state.active:
+            remaining = [a for a in state.active if a != adapter_name]
+            if not remaining and self.peft_config:
+                remaining = [sorted(self.peft_config)[0]]
+                warnings.warn(f"Deleted the active adapter; {remaining[0]!r} is now active", stacklevel=2)
+            state.active = tuple(remaining)
+            state.refresh()
+            for name in remaining:
+                self._set_trainable(name, not self.peft_config[name].inference_mode)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Inside: exactly the base model's output (merged adapters are unmerged first)."""
+        if self.adapter_state.merged:
+            self.unmerge_adapter()
+        if any(c.bias != "none" for c in self.peft_config.values()):
+            warnings.warn("Adapters with bias != 'none' changed base biases: disabled output differs from the base")
+        state = self.adapter_state
+        previous = state.disabled
+        state.disabled = True
+        state.refresh()
+        try:
+            yield
+        finally:
+            state.disabled = previous
+            state.refresh()
+
+    @contextlib.contextmanager
+    def use_adapter(self, adapter_names: str | list[str] | None) -> Iterator[None]:
+        """Run calls in this thread/task with ``adapter_names`` (None or "__base__" = bare base), leaving the
+        model's active adapters, and what other threads see, unchanged."""
+        names = [] if adapter_names in (None, BASE) else [adapter_names] if isinstance(adapter_names, str) else adapter_names
+        names = [n for n in names if n != BASE]
+        self._check_call_names(names)
+        token = self.adapter_state._override.set(tuple(names))
+        try:
+            yield
+        finally:
+            self.adapter_state._override.reset(token)
+
+    def _check_call_names(self, names: list[str]) -> None:
+        unknown = sorted({n for n in names if n != BASE and n not in self.peft_config})
+        if unknown:
+            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}")
+        if self.adapter_state.merged:
+            raise ValueError("Cannot choose adapters per call while adapters are merged; call unmerge_adapter()")
+
+    # ---- forward / generate ---------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _rows(self, adapter_names: list[str] | None, batch_size: int, device: torch.device) -> Iterator[None]:
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+        if len(adapter_names) != batch_size:
+            raise ValueError(
+                f"Length of `adapter_names` should be the same as the number of inputs, but got "
+                f"{len(adapter_names)} and {batch_size} respectively."
+            )
+        self._check_call_names(adapter_names)
+        groups = []
+        for name in dict.fromkeys(adapter_names):
+            rows = [i for i, n in enumerate(adapter_names) if n == name]
+            groups.append((name, torch.tensor(rows, device=device)))
+        token = self.adapter_state._override.set(RowGroups(tuple(groups), batch_size))
+        try:
+            yield
+        finally:
+            self.adapter_state._override.reset(token)
+
+    @staticmethod
+    def _batch_of(args: tuple, kwargs: dict) -> tuple[int, torch.device]:
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, torch.Tensor):
+                return value.shape[0], value.device
+        raise ValueError("adapter_names needs a tensor input to know the batch size")
+
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        if adapter_names is None:
+            return self.base_model(*args, **kwargs)
+        with self._rows(adapter_names, *self._batch_of(args, kwargs)):
+            return self.base_model(*args, **kwargs)
+
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        if adapter_names is None:
+            return self.base_model.generate(*args, **kwargs)
+        beams = kwargs.get("num_beams") or getattr(getattr(self.base_model, "generation_config", None), "num_beams", 1)
+        expanded = [n for n in adapter_names for _ in range(beams or 1)]
+        batch, device = self._batch_of(args, kwargs)
+        if len(adapter_names) != batch:
+            expanded = adapter_names  # let _rows report the length mismatch
+        with self._rows(expanded, len(expanded) if expanded is adapter_names else batch * (beams or 1), device):
+            return self.base_model.generate(*args, **kwargs)
+
+    # ---- merge / unload -------------------------------------------------------------------------------------
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold the given (default: active) adapters into the base weights; per-layer all-or-nothing."""
+        state = self.adapter_state
+        names = [n for n in (adapter_names or state.active) if n not in state.merged]
+        if not names:
+            warnings.warn("All adapters are already merged, nothing to do.", stacklevel=2)
+            return
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"Adapter(s) {unknown} not found; available: {list(self.peft_config)}")
+        layers = [layer for _, layer in self._layers() if isinstance(layer, LoraLayer)]
+        if safe_merge:  # check every layer before touching any weight
+            for layer in layers:
+                for name in names:
+                    if name in layer.r and not torch.isfinite(layer.delta_weight(name)).all():
+                        raise ValueError(
+                            f"NaNs detected in the merged weights. The adapter {name} seems to be broken "
+                            "(the base weights were left untouched)"
+                        )
+        for layer in layers:
+            layer.merge(names, safe_merge=safe_merge)
+        state.merged.extend(names)
+        state.refresh()
+
+    def unmerge_adapter(self) -> None:
+        state = self.adapter_state
+        names = list(reversed(state.merged))
+        for _, layer in self._layers():
+            if isinstance(layer, LoraLayer):
+                layer.unmerge(names)
+        state.merged.clear()
+        state.refresh()
+
+    def _unload(self, merge: bool, adapter_names: list[str] | None, safe_merge: bool) -> nn.Module:
+        if merge:
+            self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        chosen = adapter_names or list(self.adapter_state.active)
+        for path, layer in list(self._layers()):
+            if isinstance(layer, LoraLayer):
+                plain = layer.base_layer
+            else:
+                keep = next((n for n in chosen if n in layer.modules_to_save), None) if merge else None
+                plain = layer.modules_to_save[keep] if keep else layer.original_module
+            parent, _, child = path.rpartition(".")
+            setattr(self.base_model.get_submodule(parent) if parent else self.base_model, child, plain)
+        self.peft_config.clear()
+        self._adapter_params.clear()
+        self.adapter_state.active, self.adapter_state.merged = (), []
+        self.adapter_state.refresh()
+        return self.base_model
+
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        """Merge the given (default: active) adapters and return the plain base model."""
+        return self._unload(True, adapter_names, safe_merge)
+
+    def unload(self) -> nn.Module:
+        """Remove all LoRA modules without merging and return the base model."""
+        return self._unload(False, None, False)
+
+    # ---- parameters -----------------------------------------------------------------------------------------
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = total = 0
+        for p in self.parameters():
+            n = p.numel() * (2 if type(p).__name__ == "Params4bit" else 1)
+            total += n
+            trainable += n if p.requires_grad else 0
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # ---- save / load ----------------------------------------------------------------------------------------
+
+    def adapter_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The live tensors of one adapter under their on-disk (PEFT) key names."""
+        out: dict[str, torch.Tensor] = {}
+        p = io.PREFIX
+        for path, layer in self._layers():
+            if isinstance(layer, Linear) and adapter_name in layer.r:
+                out[f"{p}{path}.lora_A.weight"] = layer.lora_A[adapter_name].weight
+                out[f"{p}{path}.lora_B.weight"] = layer.lora_B[adapter_name].weight
+            elif isinstance(layer, Embedding) and adapter_name in layer.r:
+                out[f"{p}{path}.lora_embedding_A"] = layer.lora_embedding_A[adapter_name]
+                out[f"{p}{path}.lora_embedding_B"] = layer.lora_embedding_B[adapter_name]
+            elif isinstance(layer, ModulesToSaveWrapper) and adapter_name in layer.modules_to_save:
+                for k, v in layer.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
+                    out[f"{p}{path}.{k}"] = v
+        bias = self.peft_config[adapter_name].bias
+        if bias != "none":
+            ids = {id(t) for t in self._bias_parameters(self.peft_config[adapter_name])}
+            for k, t in self._plain_named_parameters():
+                if id(t) in ids:
+                    out[f"{p}{k}"] = t
+        return out
+
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
+        is_main_process: bool = True, **kwargs: Any,
+    ) -> None:  # fmt: skip
+        """Write each adapter in PEFT's format: "default" at the root, any other name in a subfolder."""
+        if os.path.isfile(save_directory):
+            raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"Adapter(s) {unknown} cannot be saved: they do not exist ({list(self.peft_config)})")
+        if not is_main_process:
+            return
+        for name in names:
+            folder = save_directory if name == "default" else os.path.join(save_directory, name)
+            io.save_adapter(folder, self.adapter_tensors(name), self.config_for_saving(name))
+        self.create_or_update_model_card(save_directory, {n: self.peft_config[n] for n in names})
+
+    def config_for_saving(self, name: str) -> LoraConfig:
+        config = copy.copy(self.peft_config[name])
+        config.inference_mode = True
+        config.base_model_name_or_path = config.base_model_name_or_path or self._name_or_path()
+        if config.task_type is None:
+            cls = type(self.base_model)
+            config.auto_mapping = {"base_model_class": cls.__name__, "parent_library": cls.__module__}
+        return config
+
+    def _name_or_path(self) -> str | None:
+        return getattr(getattr(self.base_model, "config", None), "_name_or_path", None) or None
+
+    def create_or_update_model_card(self, output_dir: str | os.PathLike, configs: dict | None = None) -> None:
+        meta, body = io.default_card(self._name_or_path(), configs or self.peft_config)
+        io.write_model_card(output_dir, meta, body)
+
+    @classmethod
+    def from_pretrained(
+        cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
+        is_trainable: bool = False, config: LoraConfig | None = None, **kwargs: Any,
+    ) -> PeftModel:  # fmt: skip
+        """Load a saved (PEFT-format) adapter from a folder or Hub repo onto ``model``."""
+        config = config or LoraConfig.from_pretrained(model_id, **kwargs)
+        config = copy.deepcopy(config)
+        config.inference_mode = not is_trainable
+        peft_model = cls(model, config, adapter_name)
+        try:
+            peft_model._load_weights(model_id, adapter_name, **kwargs)
+        except Exception:
+            peft_model.unload()
+            raise
+        if not is_trainable:
+            peft_model.eval()
+        return peft_model
+
+    def load_adapter(
+        self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **kwargs: Any
+    ) -> None:
+        """Add a saved adapter, inactive; it stays frozen unless ``is_trainable``."""
+        config = copy.deepcopy(kwargs.pop("config", None) or LoraConfig.from_pretrained(model_id, **kwargs))
+        config.inference_mode = not is_trainable
+        self.add_adapter(adapter_name, config)
+        try:
+            self._load_weights(model_id, adapter_name, **kwargs)
+        except Exception:
+            self.delete_adapter(adapter_name)
+            raise
+        if not is_trainable:
+            self.eval()
+
+    def _load_weights(self, model_id: str | os.PathLike, adapter_name: str, **kwargs: Any) -> None:
+        loaded = io.load_weights(model_id, **kwargs)
+        self.load_adapter_tensors(adapter_name, loaded, source=str(model_id))
+
+    def load_adapter_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], source: str = "") -> None:
+        """Copy on-disk-named tensors into adapter ``adapter_name``; every key and shape must fit."""
+        live = self.adapter_tensors(adapter_name)
+        tensors = {io.normalize_key(k): v for k, v in tensors.items()}
+        # PEFT also writes the full base embedding matrix next to embedding adapters, and wrapper-internal bias
+        # copies with bias="all" + modules_to_save; PEFT ignores those on load, and so do we.
+        ignored = (".base_layer.weight", ".modules_to_save.", ".original_module.")
+        tensors = {k: v for k, v in tensors.items() if not any(i in k for i in ignored)}
+        missing = sorted(set(live) - set(tensors))
+        unexpected = sorted(set(tensors) - set(live))
+        problems = []
+        for key in sorted(set(live) & set(tensors)):
+            if tuple(live[key].shape) != tuple(tensors[key].shape):
+                layer, _, param = key[len(io.PREFIX) :].rpartition(".lora_")
+                problems.append(
+                    f"layer {layer or key}: {('lora_' + param) if layer else key} has shape "
+                    f"{tuple(tensors[key].shape)} in the file but {tuple(live[key].shape)} in this model"
+                )
+        if missing:
+            problems.append(f"{len(missing)} tensor(s) missing from the file, e.g. {missing[:3]}")
+        if unexpected:
+            problems.append(f"{len(unexpected)} tensor(s) in the file match no module of this model, e.g. {unexpected[:3]}")
+        if problems:
+            raise ValueError(
+                f"Adapter {source or adapter_name!r} does not fit this base model (is it for another base model or "
+                "config?):\n  - " + "\n  - ".join(problems[:10])
+            )
+        with torch.no_grad():
+            for key, target in live.items():
+                target.copy_(tensors[key].to(target.dtype))
+
+    # ---- combine --------------------------------------------------------------------------------------------
+
+    def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
+        from .combine_model import add_weighted_adapter
+
+        add_weighted_adapter(self, *args, **kwargs)
+
+
+_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def _class_for(cls: type, base_cls: type) -> type:
+    """A PeftModel subclass whose ``forward`` carries the base model's signature, so the Trainer finds the
+    label names, keeps the right dataset columns and knows whether the loss accepts extra kwargs."""
+    if cls is not PeftModel:
+        return cls
+    key = (cls, base_cls)
+    if key not in _CLASSES:
+        forward = getattr(base_cls, "forward", None)
+
+        def typed_forward(self, *args: Any, **kwargs: Any) -> Any:
+            return PeftModel.forward(self, *args, **kwargs)
+
+        if forward is not None:
+            typed_forward.__signature__ = inspect.signature(forward)
+        _CLASSES[key] = type(cls.__name__, (cls,), {"forward": typed_forward, "__module__": cls.__module__})
+    return _CLASSES[key]
+
+
+def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default") -> PeftModel:
+    """Inject LoRA adapter ``adapter_name`` into ``model`` (in place) and return the wrapping PeftModel."""
+    return PeftModel(model, peft_config, adapter_name)
