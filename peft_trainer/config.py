@@ -150,7 +150,9 @@ class LoraConfig:
             if key in data and data[key] not in (default, None) and not (default == {} and data[key] == {})
         ]
         if problems:
-            raise ValueError(f"{source} asks for features this project does not implement:\n  - " + "\n  - ".join(problems))
+            raise ValueError(
+                f"{source} asks for features this project does not implement:\n  - " + "\n  - ".join(problems)
+            )
         known = {f.name for f in fields(cls)}
         ignored = set(_UNSUPPORTED_DEFAULTS) | set(_INERT_DEFAULTS) | {"peft_version", "runtime_config"}
         unknown = sorted(set(data) - known - ignored)

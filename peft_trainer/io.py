@@ -131,7 +131,12 @@ def default_card(base_model: str | None, configs: dict[str, LoraConfig], extra: 
     meta: dict[str, Any] = {"base_model": base_model, "library_name": "peft", "tags": tags}
     if any(c.task_type == "CAUSAL_LM" for c in configs.values()):
         meta["pipeline_tag"] = "text-generation"
-    lines = ["# LoRA adapter", "", f"LoRA adapter(s) for `{base_model or 'a base model'}`, trained with peft-trainer.", ""]
+    lines = [
+        "# LoRA adapter",
+        "",
+        f"LoRA adapter(s) for `{base_model or 'a base model'}`, trained with peft-trainer.",
+        "",
+    ]
     for name, c in configs.items():
         targets = c.target_modules if isinstance(c.target_modules, str) else ", ".join(c.target_modules or [])
         lines.append(f"- `{name}`: r={c.r}, lora_alpha={c.lora_alpha}, dropout={c.lora_dropout}, targets: {targets}")

@@ -154,7 +154,7 @@ def _candidate_names(model: nn.Module) -> list[str]:
 def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """Names of the modules ``config`` adapts; raises ValueError listing the candidates when none match."""
     matched, excluded = [], []
-    for name, module in candidate_modules(model):
+    for name, _module in candidate_modules(model):
         if _in_modules_to_save(config, name):
             continue
         if is_excluded(config, name):

@@ -137,7 +137,9 @@ class Linear(LoraLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
 
-    def update_layer(self, name: str, r: int, alpha: float, dropout: float, init: bool | str, use_rslora: bool) -> None:
+    def update_layer(
+        self, name: str, r: int, alpha: float, dropout: float, init: bool | str, use_rslora: bool
+    ) -> None:
         device = self.base_layer.weight.device
         dtype = self._adapter_dtype()
         a = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
@@ -187,7 +189,9 @@ class Embedding(LoraLayer):
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
 
-    def update_layer(self, name: str, r: int, alpha: float, dropout: float, init: bool | str, use_rslora: bool) -> None:
+    def update_layer(
+        self, name: str, r: int, alpha: float, dropout: float, init: bool | str, use_rslora: bool
+    ) -> None:
         weight = self.base_layer.weight
         num, dim = weight.shape
         kwargs = {"device": weight.device, "dtype": self._adapter_dtype()}

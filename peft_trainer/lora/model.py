@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import inspect
 import os
 import warnings
@@ -15,6 +16,7 @@ from torch import nn
 
 from .. import io
 from ..config import LoraConfig
+from . import combine
 from .inject import inject
 from .layer import AdapterState, Embedding, Linear, LoraLayer, ModulesToSaveWrapper, RowGroups
 
@@ -166,7 +168,9 @@ class PeftModel(nn.Module):
         if self.adapter_state.merged:
             self.unmerge_adapter()
         if any(c.bias != "none" for c in self.peft_config.values()):
-            warnings.warn("Adapters with bias != 'none' changed base biases: disabled output differs from the base")
+            warnings.warn(
+                "Adapters with bias != 'none' changed base biases: disabled output differs from the base", stacklevel=2
+            )
         state = self.adapter_state
         previous = state.disabled
         state.disabled = True
@@ -181,7 +185,13 @@ class PeftModel(nn.Module):
     def use_adapter(self, adapter_names: str | list[str] | None) -> Iterator[None]:
         """Run calls in this thread/task with ``adapter_names`` (None or "__base__" = bare base), leaving the
         model's active adapters, and what other threads see, unchanged."""
-        names = [] if adapter_names in (None, BASE) else [adapter_names] if isinstance(adapter_names, str) else adapter_names
+        names = (
+            []
+            if adapter_names in (None, BASE)
+            else [adapter_names]
+            if isinstance(adapter_names, str)
+            else adapter_names
+        )
         names = [n for n in names if n != BASE]
         self._check_call_names(names)
         token = self.adapter_state._override.set(tuple(names))
@@ -321,7 +331,9 @@ class PeftModel(nn.Module):
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
 
     # ---- save / load ----------------------------------------------------------------------------------------
 
@@ -440,7 +452,9 @@ class PeftModel(nn.Module):
         if missing:
             problems.append(f"{len(missing)} tensor(s) missing from the file, e.g. {missing[:3]}")
         if unexpected:
-            problems.append(f"{len(unexpected)} tensor(s) in the file match no module of this model, e.g. {unexpected[:3]}")
+            problems.append(
+                f"{len(unexpected)} tensor(s) in the file match no module of this model, e.g. {unexpected[:3]}"
+            )
         if problems:
             raise ValueError(
                 f"Adapter {source or adapter_name!r} does not fit this base model (is it for another base model or "
@@ -452,10 +466,60 @@ class PeftModel(nn.Module):
 
     # ---- combine --------------------------------------------------------------------------------------------
 
-    def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
-        from .combine_model import add_weighted_adapter
+    def add_weighted_adapter(
+        self, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str = "svd",
+        svd_rank: int | None = None, svd_clamp: float | None = None, svd_full_matrices: bool = True,
+        svd_driver: str | None = None, density: float | None = None, majority_sign_method: str = "total",
+    ) -> None:  # fmt: skip
+        """Create ``adapter_name`` as a weighted combination of ``adapters`` (PEFT's semantics and math; the
+        svd family works from the low-rank factors). The new adapter is added frozen and inactive."""
+        if adapter_name in self.peft_config:
+            return
+        unknown = [a for a in adapters if a not in self.peft_config]
+        if unknown:
+            raise ValueError(f"Adapter(s) {unknown} do not exist; available: {list(self.peft_config)}")
+        if len(weights) != len(adapters):
+            raise ValueError(f"Got {len(weights)} weights for {len(adapters)} adapters")
+        configs = [self.peft_config[a] for a in adapters]
+        if sum(bool(c.modules_to_save) for c in configs) > 1:
+            raise ValueError("Cannot add a weighted adapter when several adapters have modules_to_save")
+        combination_type = combine.resolve_combination_type(len(adapters), combination_type)
+        ranks = [max([c.r, *c.rank_pattern.values()]) for c in configs]
+        rank = combine.new_rank(ranks, combination_type, svd_rank)
+        targets = [c.target_modules for c in configs]
+        if all(isinstance(t, list) for t in targets):
+            merged_targets: list[str] | str = sorted({m for t in targets for m in t})
+        elif all(isinstance(t, str) for t in targets):
+            merged_targets = "|".join(f"({t})" for t in targets)
+        else:
+            raise ValueError("all adapter configs should follow the same target modules type (list or regex str)")
+        new_config = dataclasses.replace(
+            configs[0], r=rank, lora_alpha=rank, rank_pattern={}, alpha_pattern={}, target_modules=merged_targets
+        )
+        new_config.inference_mode = True
+        self.add_adapter(adapter_name, new_config)
+        with torch.no_grad():
+            for _, layer in self._layers():
+                if not isinstance(layer, LoraLayer) or adapter_name not in layer.r:
+                    continue
+                present = [(a, w) for a, w in zip(adapters, weights) if a in layer.r]
+                target_a, target_b = _factors(layer, adapter_name)
+                target_a.zero_(), target_b.zero_()
+                if not present:
+                    continue
+                factors = [(*_factors(layer, a), layer.scaling[a]) for a, _ in present]
+                new_a, new_b = combine.combine_factors(
+                    factors, [w for _, w in present], combination_type, rank, svd_clamp=svd_clamp,
+                    density=density, majority_sign_method=majority_sign_method,
+                )  # fmt: skip
+                target_a.copy_(new_a[: target_a.shape[0]]), target_b.copy_(new_b[:, : target_b.shape[1]])
 
-        add_weighted_adapter(self, *args, **kwargs)
+
+def _factors(layer: LoraLayer, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A (r, in), B (out, r)) of one adapter: the LoRA factors in the orientation ΔW ∝ B @ A."""
+    if isinstance(layer, Embedding):
+        return layer.lora_embedding_A[name].data, layer.lora_embedding_B[name].data
+    return layer.lora_A[name].weight.data, layer.lora_B[name].weight.data
 
 
 _CLASSES: dict[tuple[type, type], type] = {}
