@@ -79,6 +79,7 @@ def _atomic_write(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
+        os.chmod(tmp, 0o644)  # mkstemp makes the file private; an adapter file is an ordinary file
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())

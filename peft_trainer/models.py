@@ -300,6 +300,7 @@ def _build_cached(spec: EmbeddedModel) -> Path:
         for stale in final.parent.glob(f"{_TMP_PREFIX}{spec.name}-*"):
             shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{spec.name}-", dir=final.parent))
+        tmp.chmod(0o755)  # mkdtemp makes the folder private; the cache is an ordinary folder
         logger.warning("peft_trainer: building embedded model %r into %s (one time)", spec.name, final)
         start = time.perf_counter()
         try:

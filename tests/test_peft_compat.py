@@ -89,6 +89,8 @@ def test_same_keys_shapes_and_config_as_peft(case, tmp_path):
     assert ours_cfg == theirs_cfg
     card = (tmp_path / "ours" / "README.md").read_text()
     assert "library_name: peft" in card and "- lora" in card
+    for name in ("adapter_model.safetensors", "adapter_config.json", "README.md"):  # same mode as peft's files
+        assert (tmp_path / "ours" / name).stat().st_mode & 0o777 == (tmp_path / "theirs" / name).stat().st_mode & 0o777
 
 
 def test_config_file_is_byte_identical_to_peft(tmp_path):

@@ -1,0 +1,536 @@
+"""PeftTrainer: transformers.Trainer that injects LoRA and saves, resumes, loads and pushes adapter-only checkpoints."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, Trainer, TrainingArguments
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+)
+from transformers.trainer_pt_utils import LabelSmoother
+from transformers.trainer_utils import (
+    PREFIX_CHECKPOINT_DIR,
+    HubStrategy,
+    SaveStrategy,
+    enable_full_determinism,
+    rotate_checkpoints,
+    set_seed,
+)
+from transformers.utils.hub import PushInProgress, hf_api
+
+from . import io
+from .arguments import PeftTrainingArguments
+from .config import CONFIG_NAME, LoraConfig
+from .lora.model import PeftModel, get_peft_model
+from .quantization import bitsandbytes_config, is_kbit, prepare_model_for_kbit_training
+
+logger = logging.getLogger(__name__)
+
+TRAINING_ARGS_NAME = "training_args.bin"
+TRAINER_STATE_NAME = "trainer_state.json"
+OPTIMIZER_PARAM_NAMES = "optimizer_param_names.json"
+STAGING_PREFIX = "tmp-"  # tmp-checkpoint-N/checkpoint-N is renamed to checkpoint-N once complete
+# What may reach the Hub from output_dir: adapter files, the model card, tokenizer/processor files. Never base weights.
+_ADAPTER_FILES = [io.WEIGHTS_NAME, CONFIG_NAME]
+_TOKENIZER_FILES = [
+    "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "spiece.model",
+    "sentencepiece.bpe.model", "chat_template.*", "preprocessor_config.json", "processor_config.json",
+]  # fmt: skip
+HUB_ALLOW_PATTERNS = ["README.md", *_ADAPTER_FILES, *[f"*/{f}" for f in _ADAPTER_FILES], *_TOKENIZER_FILES]
+# From a checkpoint folder (hub_strategy checkpoint / all_checkpoints): what resuming needs, token-free args included.
+CHECKPOINT_ALLOW_PATTERNS = [
+    *HUB_ALLOW_PATTERNS, "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth", TRAINER_STATE_NAME,
+    OPTIMIZER_PARAM_NAMES, TRAINING_ARGS_NAME,
+]  # fmt: skip
+HUB_IGNORE_PATTERNS = ["_*", f"{PREFIX_CHECKPOINT_DIR}-*", f"{STAGING_PREFIX}*"]
+_TASK_TAGS = {"CAUSAL_LM": "text-generation", "SEQ_CLS": "text-classification"}
+
+
+class _CausalLabelSmoother(LabelSmoother):
+    """Label smoothing that always shifts labels: Trainer decides the shift from the wrapper's class name, which
+    is not a causal-LM name, so a PeftModel around a causal LM would be smoothed against unshifted labels."""
+
+    def __call__(self, model_output: Any, labels: torch.Tensor, shift_labels: bool = False, num_items_in_batch=None):
+        return super().__call__(model_output, labels, shift_labels=True, num_items_in_batch=num_items_in_batch)
+
+
+def task_type_of(model: nn.Module) -> str | None:
+    """PEFT task_type for a transformers model class ("CAUSAL_LM", "SEQ_CLS") or None."""
+    name = type(model).__name__
+    if name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        return "CAUSAL_LM"
+    if name in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.values():
+        return "SEQ_CLS"
+    return None
+
+
+def token_free(args: TrainingArguments) -> TrainingArguments:
+    """A shallow copy of ``args`` with every ``*_token`` field cleared (what goes into training_args.bin)."""
+    clean = copy.copy(args)
+    for f in dataclasses.fields(clean):
+        if f.name.endswith("_token") and getattr(clean, f.name, None) is not None:
+            setattr(clean, f.name, None)
+    return clean
+
+
+def _fsync_tree(folder: str) -> None:
+    """Flush every file under ``folder`` and the folders themselves to disk."""
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(root)
+
+
+def _fsync_dir(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class PeftTrainer(Trainer):
+    """``transformers.Trainer`` for LoRA/QLoRA with this project's PeftModel; checkpoints hold only adapters.
+
+    ``model``: a Hub id or local path (loaded with ``AutoModelForCausalLM``, in 4/8 bit when the arguments ask),
+    a transformers ``PreTrainedModel`` (LoRA injected from ``lora_config`` or ``args.to_lora_config()`` after the
+    seed is set), or a ready ``PeftModel``. A 4-/8-bit base goes through ``prepare_model_for_kbit_training``.
+    """
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel | PeftModel,
+        args: TrainingArguments | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        data_collator: Any = None,
+        compute_metrics: Any = None,
+        callbacks: list | None = None,
+        lora_config: LoraConfig | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if kwargs.get("model_init") is not None:
+            raise ValueError("PeftTrainer does not take model_init: pass the model (id, path or instance)")
+        args = args if args is not None else PeftTrainingArguments(output_dir="trainer_output")
+        if args.ddp_find_unused_parameters is None:
+            args.ddp_find_unused_parameters = False  # every LoRA parameter gets a gradient in every step
+        self._hub_id = model if isinstance(model, str) and not os.path.isdir(model) else None
+        model = self._build_model(model, args, lora_config)
+        if args.activation_checkpointing and getattr(model, "main_input_name", None) != "input_ids":
+            model.enable_input_require_grads()  # transformers does this itself only for input_ids models
+        self._staging_dir: str | None = None
+        self.hub_push_errors: list[str] = []
+        super().__init__(
+            model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+            eval_dataset=eval_dataset, processing_class=processing_class, compute_metrics=compute_metrics,
+            callbacks=callbacks, **kwargs,
+        )  # fmt: skip
+        if self.label_smoother is not None and task_type_of(model.get_base_model()) == "CAUSAL_LM":
+            self.label_smoother = _CausalLabelSmoother(self.label_smoother.epsilon, self.label_smoother.ignore_index)
+        # Parameter names of the adapters as the unwrapped model has them (FSDP state dicts use these).
+        by_id = {id(t): n for n, t in (*model.named_parameters(remove_duplicate=False), *model.named_buffers())}
+        self._adapter_fqns = {
+            name: {by_id[id(t)]: key for key, t in model.adapter_tensors(name).items() if id(t) in by_id}
+            for name in model.peft_config
+        }
+        trainable, total = model.get_nb_trainable_parameters()
+        logger.info(
+            "trainable params: %s || all params: %s || trainable%%: %.4f",
+            f"{trainable:,d}", f"{total:,d}", 100 * trainable / max(total, 1),
+        )  # fmt: skip
+
+    @staticmethod
+    def _build_model(model: Any, args: TrainingArguments, lora_config: LoraConfig | None) -> PeftModel:
+        peft_args = isinstance(args, PeftTrainingArguments)
+        if isinstance(model, str):
+            from transformers import AutoModelForCausalLM
+
+            qconfig = bitsandbytes_config(args) if peft_args else None
+            model = AutoModelForCausalLM.from_pretrained(
+                model, **({"quantization_config": qconfig} if qconfig else {})
+            )
+        if type(model).__module__.split(".")[0] == "peft":
+            raise TypeError("PeftTrainer trains peft_trainer.PeftModel; pass the base model, not a peft.PeftModel")
+        if isinstance(model, PeftModel):
+            if lora_config is not None:
+                raise ValueError("model is already a PeftModel: pass lora_config only with a base model")
+            return model
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a model id, a path, a PreTrainedModel or a PeftModel, not {type(model)}")
+        if peft_args and (args.load_in_4bit or args.load_in_8bit) and not is_kbit(model):
+            raise ValueError(
+                "load_in_4bit/load_in_8bit quantize a model that PeftTrainer loads from an id or path; this model "
+                "was passed already loaded and is not quantized: pass its id/path, or load it with a "
+                "BitsAndBytesConfig yourself"
+            )
+        if is_kbit(model):
+            # Trainer.train() turns activation checkpointing on itself when the arguments ask for it.
+            prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        if lora_config is None:
+            if not peft_args:
+                raise ValueError("Pass lora_config, or PeftTrainingArguments (whose lora_* fields define it)")
+            lora_config = args.to_lora_config(task_type=task_type_of(model))
+        # Seeded right before injection (loading may draw random numbers): the adapter init is reproducible.
+        enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
+        return get_peft_model(model, lora_config, adapter_name=args.adapter_name if peft_args else "default")
+
+    def _peft_model(self) -> PeftModel:
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if not isinstance(unwrapped, PeftModel):
+            raise TypeError(f"PeftTrainer needs a PeftModel, found {type(unwrapped).__name__}")
+        return unwrapped
+
+    def _base_model_id(self) -> str | None:
+        """The base model's Hub id for model cards (None for local or unnamed bases)."""
+        given = getattr(self.args, "base_model_name_or_path", None)
+        if given or self._hub_id:
+            return given or self._hub_id
+        name = getattr(getattr(self._peft_model(), "config", None), "_name_or_path", None)
+        return name if name and not os.path.isdir(name) else None
+
+    # ---- training / resume ----------------------------------------------------------------------------------
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """Trainer.train; ``resume_from_checkpoint=True`` picks the newest *complete* checkpoint, and with
+        ``push_to_hub`` a final push always follows (a failed push is logged, the local files stay)."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = self.last_complete_checkpoint(self.args.output_dir)
+        output = super().train(resume_from_checkpoint, *args, **kwargs)
+        if self.args.push_to_hub:
+            try:
+                self.push_to_hub(commit_message="End of training")
+            except Exception as e:  # the trained adapter is safe in output_dir; report and finish
+                self._push_failed("final push", e)
+        return output
+
+    def _missing_files(self, folder: str) -> list[str]:
+        """Files a checkpoint folder needs before it can be resumed from (empty: complete)."""
+        model = self._peft_model()
+        needed = [TRAINER_STATE_NAME]
+        for name in model.peft_config:
+            sub = "" if name == "default" else name
+            needed += [os.path.join(sub, CONFIG_NAME), os.path.join(sub, io.WEIGHTS_NAME)]
+        return [f for f in needed if not os.path.isfile(os.path.join(folder, f))]
+
+    def last_complete_checkpoint(self, run_dir: str) -> str:
+        """The newest checkpoint-N in ``run_dir`` that is complete; incomplete ones are reported and skipped."""
+        steps = {}
+        if os.path.isdir(run_dir):
+            for entry in os.listdir(run_dir):
+                prefix, _, step = entry.rpartition("-")
+                if prefix == PREFIX_CHECKPOINT_DIR and step.isdigit() and os.path.isdir(os.path.join(run_dir, entry)):
+                    steps[int(step)] = os.path.join(run_dir, entry)
+        incomplete = [
+            f"{os.path.join(run_dir, e)} (interrupted save)" for e in sorted(os.listdir(run_dir))
+            if e.startswith(STAGING_PREFIX + PREFIX_CHECKPOINT_DIR)
+        ] if os.path.isdir(run_dir) else []  # fmt: skip
+        chosen = None
+        for step in sorted(steps, reverse=True):
+            missing = self._missing_files(steps[step])
+            if not missing:
+                chosen = steps[step]
+                break
+            incomplete.append(f"{steps[step]} (missing {', '.join(missing)})")
+        if incomplete:
+            logger.warning("Ignoring incomplete checkpoint(s) when resuming: %s", "; ".join(incomplete))
+        if chosen is None:
+            raise ValueError(
+                f"No complete checkpoint in {run_dir} to resume from"
+                + (f"; incomplete: {'; '.join(incomplete)}" if incomplete else "")
+            )
+        return chosen
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        missing = self._missing_files(resume_from_checkpoint)
+        if missing:
+            raise ValueError(
+                f"Cannot resume from {resume_from_checkpoint}: it is incomplete (missing {', '.join(missing)}); "
+                "it was probably interrupted while saving. Resume from an earlier checkpoint."
+            )
+        self._load_adapters(resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        logger.info(f"Loading best adapter from {self.state.best_model_checkpoint} (score: {self.state.best_metric}).")
+        self._load_adapters(self.state.best_model_checkpoint)
+
+    def _load_adapters(self, folder: str) -> None:
+        """Load every adapter of the model from ``folder`` ("default" at the root, others in subfolders), strictly."""
+        model = self._peft_model()
+        tensors = {
+            name: io.load_weights(folder, subfolder=None if name == "default" else name) for name in model.peft_config
+        }
+        if not self.is_fsdp_enabled:
+            for name, loaded in tensors.items():
+                model.load_adapter_tensors(name, loaded, source=folder)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        state = {}
+        for name, fqns in self._adapter_fqns.items():
+            loaded = {io.normalize_key(k): v for k, v in tensors[name].items()}
+            missing, unexpected = sorted(set(fqns.values()) - set(loaded)), sorted(set(loaded) - set(fqns.values()))
+            if missing or unexpected:
+                raise ValueError(
+                    f"Adapter {name!r} in {folder} does not fit this model: missing {missing[:3]} "
+                    f"({len(missing)}), unexpected {unexpected[:3]} ({len(unexpected)})"
+                )
+            state.update({fqn: loaded[key] for fqn, key in fqns.items()})
+        set_model_state_dict(self.model_wrapped, state, options=StateDictOptions(full_state_dict=True, strict=False))
+
+    def _optimizer_param_names(self) -> list[list[str]]:
+        """Parameter names per optimizer group, in the optimizer's order (its state is matched by position)."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+
+        def clean(n: str) -> str:
+            return n.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+
+        return [[clean(names.get(id(p), "<unnamed>")) for p in g["params"]] for g in self.optimizer.param_groups]
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if self.is_fsdp_enabled:  # Trainer would also write the full base model here (save_fsdp_model)
+            from accelerate.utils import save_fsdp_optimizer
+
+            save_fsdp_optimizer(
+                self.accelerator.state.fsdp_plugin, self.accelerator, self.optimizer, self.model, output_dir
+            )
+            if self.args.should_save:
+                torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, "scheduler.pt"))
+        else:
+            super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.should_save:
+            with open(os.path.join(output_dir, OPTIMIZER_PARAM_NAMES), "w", encoding="utf-8") as f:
+                json.dump({"param_groups": self._optimizer_param_names()}, f, indent=1)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is not None:
+            self._check_optimizer_params(checkpoint)
+        super()._load_optimizer_and_scheduler(checkpoint)
+
+    def _check_optimizer_params(self, checkpoint: str) -> None:
+        path = os.path.join(checkpoint, OPTIMIZER_PARAM_NAMES)
+        if not os.path.isfile(path):
+            logger.warning(f"{path} not found: cannot check that the optimizer state belongs to these parameters")
+            return
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)["param_groups"]
+        current = self._optimizer_param_names()
+        if saved == current:
+            return
+        flat_saved, flat_now = [n for g in saved for n in g], [n for g in current for n in g]
+        diffs = [f"#{i}: {a} vs {b}" for i, (a, b) in enumerate(zip(flat_saved, flat_now)) if a != b][:3]
+        raise ValueError(
+            f"Cannot resume from {checkpoint}: its optimizer state is for other parameters than this model trains "
+            f"({len(flat_saved)} saved in groups of {[len(g) for g in saved]}, {len(flat_now)} now in groups of "
+            f"{[len(g) for g in current]}; first differences (checkpoint vs now): {diffs or 'group split'}). "
+            "Resume with the same LoRA settings (r, target modules, modules_to_save, adapter name) and optimizer "
+            "grouping (weight decay), or start a fresh run."
+        )
+
+    # ---- saving ---------------------------------------------------------------------------------------------
+
+    def _get_output_dir(self, trial: Any) -> str:
+        return self._staging_dir if self._staging_dir is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """Trainer's checkpoint, written into tmp-checkpoint-N/ and renamed to checkpoint-N/ once complete and
+        fsynced, so an interrupted save never looks like a checkpoint. Push and rotation follow the rename."""
+        run_dir = self._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        final, staging = os.path.join(run_dir, name), os.path.join(run_dir, STAGING_PREFIX + name)
+        staged = os.path.join(staging, name)
+        if self.args.should_save and os.path.exists(staging):
+            shutil.rmtree(staging)
+        self.accelerator.wait_for_everyone()
+        self._staging_dir = staging
+        try:
+            super()._save_checkpoint(model, trial)  # its own push and rotation are deferred / no-ops in staging
+        finally:
+            self._staging_dir = None
+        if self.state.best_model_checkpoint == staged:
+            self.state.best_model_checkpoint = final
+            if self.args.should_save:
+                self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
+        self.accelerator.wait_for_everyone()  # every rank has written its RNG state
+        if self.args.should_save:
+            _fsync_tree(staged)
+            if os.path.isdir(final):
+                shutil.rmtree(final)
+            os.replace(staged, final)
+            os.rmdir(staging)
+            _fsync_dir(run_dir)
+        if self.args.push_to_hub:
+            self._push_from_checkpoint(final)
+        if self.args.should_save:
+            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Write the adapter(s), tokenizer and token-free training_args.bin; a user call also writes README.md."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if self.is_fsdp_enabled:  # gather the trainable tensors only (collective), never the full base model
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            options = StateDictOptions(
+                full_state_dict=True, ignore_frozen_params=True, cpu_offload=self.args.device.type != "cpu"
+            )
+            self._save(output_dir, state_dict=get_model_state_dict(self.model_wrapped, options=options))
+        else:
+            super().save_model(output_dir, _internal_call=True)
+        if not _internal_call:
+            self.create_model_card(output_dir=output_dir)
+            if self.args.push_to_hub:
+                self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        model = self._peft_model()
+        if state_dict is None:
+            model.save_pretrained(output_dir)
+        else:  # gathered by FSDP, keyed by parameter name
+            for name, fqns in self._adapter_fqns.items():
+                if all(fqn in state_dict for fqn in fqns):
+                    folder = output_dir if name == "default" else os.path.join(output_dir, name)
+                    tensors = {key: state_dict[fqn] for fqn, key in fqns.items()}
+                    io.save_adapter(folder, tensors, model.config_for_saving(name))
+            model.create_or_update_model_card(output_dir)
+        tokenizer = self.processing_class
+        tokenizer = tokenizer if tokenizer is not None else getattr(self.data_collator, "tokenizer", None)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(output_dir)
+        torch.save(token_free(self.args), os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def create_model_card(
+        self, language: str | None = None, license: str | None = None, tags: str | list[str] | None = None,
+        model_name: str | None = None, finetuned_from: str | None = None, tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None, dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None, output_dir: str | None = None,
+    ) -> None:  # fmt: skip
+        """README.md for an adapter: Trainer's card (hyperparameters, results) with PEFT's metadata
+        (``library_name: peft``, ``base_model``, ``base_model_relation: adapter``, lora tags)."""
+        if not self.is_world_process_zero():
+            return
+        from transformers.modelcard import TrainingSummary
+
+        model = self._peft_model()
+        base = finetuned_from or self._base_model_id()
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        dataset_tags = dataset_tags or getattr(self.args, "dataset_name", None)
+        task_type = task_type_of(model.get_base_model())
+        summary = TrainingSummary.from_trainer(
+            self, language=language, license=license, tags=tags, model_name=model_name, finetuned_from=base,
+            tasks=tasks or _TASK_TAGS.get(task_type or ""), dataset_tags=dataset_tags, dataset=dataset,
+            dataset_args=dataset_args,
+        )  # fmt: skip
+        meta, body = io.split_front_matter(summary.to_model_card())
+        body = body.replace("This model was trained from scratch on ", "This LoRA adapter was trained on ")  # no hub id
+        adapter_meta, adapter_body = io.default_card(base, model.peft_config)
+        meta = {
+            **({"base_model": base, "base_model_relation": "adapter"} if base else {}),
+            "library_name": "peft",
+            **{k: v for k, v in meta.items() if k not in ("library_name", "base_model")},
+            **{k: v for k, v in adapter_meta.items() if k not in ("tags", "base_model")},
+            "tags": sorted(set(meta.get("tags") or []) | set(adapter_meta["tags"]) | {"peft"}),
+        }
+        adapter_lines = [line for line in adapter_body.splitlines() if line.startswith("- `")]
+        body = body.rstrip() + "\n\n## LoRA adapter(s)\n\n" + "\n".join(adapter_lines) + "\n"
+        io.write_model_card(output_dir or self.args.output_dir, meta, body)
+
+    # ---- Hub ------------------------------------------------------------------------------------------------
+
+    def _push_failed(self, what: str, error: BaseException) -> None:
+        message = f"Hub {what} to {self.hub_model_id or self.args.hub_model_id or 'the Hub'} failed: {error}"
+        self.hub_push_errors.append(message)
+        logger.error(f"{message}. The local files in {self.args.output_dir} are intact; push them later.")
+
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        try:
+            super().init_hf_repo(token=token, private=private)
+        except Exception as e:  # training goes on and keeps everything locally; pushes are skipped
+            self.hub_model_id, self.push_in_progress = None, None
+            self._push_failed("repository creation", e)
+
+    def _upload(self, folder: str, message: str, allow: list[str], path_in_repo: str | None = None,
+                token: str | None = None, revision: str | None = None, blocking: bool = False) -> Any:  # fmt: skip
+        result = hf_api().upload_folder(
+            repo_id=self.hub_model_id, folder_path=folder, path_in_repo=path_in_repo, commit_message=message,
+            token=token if token is not None else self.args.hub_token, run_as_future=not blocking,
+            allow_patterns=allow, ignore_patterns=HUB_IGNORE_PATTERNS,
+            revision=revision if revision is not None else self.args.hub_revision,
+        )  # fmt: skip
+        if not blocking:
+            result.add_done_callback(
+                lambda f: f.exception() and self._push_failed(f"upload {message!r}", f.exception())
+            )
+        return result
+
+    def push_to_hub(
+        self, commit_message: str | None = "End of training", blocking: bool = True, token: str | None = None,
+        revision: str | None = None, private: bool | None = None, **kwargs: Any,
+    ) -> Any:  # fmt: skip
+        """Save the adapter, write the model card and upload only the allow-listed files of output_dir."""
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        self.save_model(_internal_call=True)  # first, so that the local copy is complete even if the push fails
+        if not self.is_world_process_zero():
+            return None
+        model_name = kwargs.pop("model_name", None) or (self.args.hub_model_id or self.args.output_dir).split("/")[-1]
+        tags = kwargs.pop("tags", None)
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        tags += [t for t in getattr(self.model, "model_tags", None) or [] if t not in tags]
+        self.create_model_card(model_name=model_name, tags=tags, **kwargs)
+        if self.hub_model_id is None:
+            self.init_hf_repo(token=token, private=private)
+            if self.hub_model_id is None:
+                raise RuntimeError(self.hub_push_errors[-1])
+        self._finish_current_push()
+        return self._upload(
+            self.args.output_dir, commit_message, HUB_ALLOW_PATTERNS, token=token, revision=revision, blocking=blocking
+        )
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """Push output_dir (adapter copied from the checkpoint, card, tokenizer) and, per hub_strategy, the
+        checkpoint itself; never base weights, never a token."""
+        if self._staging_dir is not None:  # called inside Trainer._save_checkpoint: pushed after the rename
+            return
+        if not self.is_world_process_zero() or self.args.hub_strategy == HubStrategy.END or self.hub_model_id is None:
+            return
+        if not self.args.hub_always_push and self.push_in_progress is not None and not self.push_in_progress.is_done():
+            return
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        output_dir = self.args.output_dir
+        for name in self._peft_model().peft_config:
+            sub = "" if name == "default" else name
+            os.makedirs(os.path.join(output_dir, sub), exist_ok=True)
+            for file in _ADAPTER_FILES:  # replaced, not overwritten: a running upload keeps reading the old file
+                target = os.path.join(output_dir, sub, file)
+                shutil.copy(os.path.join(checkpoint_folder, sub, file), target + ".tmp")
+                os.replace(target + ".tmp", target)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        self.create_model_card()
+        step = self.args.save_strategy == SaveStrategy.STEPS
+        message = f"Training in progress, {'step' if step else 'epoch'} {self.state.global_step if step else int(self.state.epoch or 0)}"
+        jobs = [self._upload(output_dir, message, HUB_ALLOW_PATTERNS)]
+        if self.args.hub_strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
+            path = (
+                "last-checkpoint" if self.args.hub_strategy == HubStrategy.CHECKPOINT else Path(checkpoint_folder).name
+            )
+            jobs.append(self._upload(checkpoint_folder, message + ", checkpoint", CHECKPOINT_ALLOW_PATTERNS, path))
+        if self.push_in_progress is None or self.push_in_progress.is_done():
+            self.push_in_progress = PushInProgress(jobs)
+        else:
+            self.push_in_progress.jobs.extend(jobs)
