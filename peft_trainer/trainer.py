@@ -440,7 +440,9 @@ class PeftTrainer(Trainer):
             dataset_args=dataset_args,
         )  # fmt: skip
         meta, body = io.split_front_matter(summary.to_model_card())
-        body = body.replace("This model was trained from scratch on ", "This LoRA adapter was trained on ")  # no hub id
+        body = body.replace(
+            "This model was trained from scratch on ", "This LoRA adapter was trained on "
+        )  # no hub id
         adapter_meta, adapter_body = io.default_card(base, model.peft_config)
         meta = {
             **({"base_model": base, "base_model_relation": "adapter"} if base else {}),
