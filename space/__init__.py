@@ -1,0 +1,79 @@
+"""The adapter Space: settings from the environment and ``launch()`` (used by app.py and ``peft-trainer space``)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from .engine import AdapterEngine, Limits
+from .files import ZipLimits
+
+DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
+QUICKSTART_ADAPTERS = "outputs/quickstart/*/adapter_config.json"
+
+
+def quickstart_adapters(root: str | os.PathLike = ".") -> list[tuple[str | None, str]]:
+    """Every folder matching ``outputs/quickstart/*/adapter_config.json`` under ``root``, named by its folder."""
+    return [(p.parent.name, str(p.parent)) for p in sorted(Path(root).glob(QUICKSTART_ADAPTERS))]
+
+
+def parse_adapters(value: str | list[str] | None) -> list[tuple[str | None, str]]:
+    """``ADAPTERS``: comma-separated folders or Hub repo ids, each optionally ``name=source``; None = quickstart."""
+    if value is None:
+        return quickstart_adapters()
+    items = value.split(",") if isinstance(value, str) else list(value)
+    out: list[tuple[str | None, str]] = []
+    for item in (i.strip() for i in items):
+        if item:
+            name, sep, source = item.partition("=")
+            out.append((name.strip(), source.strip()) if sep else (None, item))
+    return out
+
+
+def _int_env(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    try:
+        return int(value) if value else default
+    except ValueError:
+        raise ValueError(f"{name}={value!r} must be an integer") from None
+
+
+def limits_from_env() -> Limits:
+    """MAX_NEW_TOKENS (cap per request), MAX_ADAPTERS, MAX_UPLOAD_MB (zip uploads), MAX_MERGED_MB (merged model)."""
+    upload = _int_env("MAX_UPLOAD_MB", 200) * 2**20
+    return Limits(
+        max_new_tokens=_int_env("MAX_NEW_TOKENS", 512),
+        max_adapters=_int_env("MAX_ADAPTERS", 32),
+        zip=ZipLimits(max_zip_bytes=upload, max_unzipped_bytes=max(2 * upload, 64 * 2**20)),
+        max_merged_model_bytes=_int_env("MAX_MERGED_MB", 2048) * 2**20,
+    )
+
+
+def create_engine(base_model: str | None = None, adapters: str | list[str] | None = None) -> AdapterEngine:
+    """BASE_MODEL (default: the embedded SmolLM2-135M-Instruct), ADAPTERS and HF_TOKEN, unless given here."""
+    base = base_model or os.environ.get("BASE_MODEL") or DEFAULT_BASE_MODEL
+    specs = parse_adapters(adapters if adapters is not None else os.environ.get("ADAPTERS"))
+    return AdapterEngine.load(base, specs, limits_from_env(), token=os.environ.get("HF_TOKEN") or None)
+
+
+def launch(
+    base_model: str | None = None, adapters: str | list[str] | None = None, host: str | None = None,
+    port: int | None = None,
+) -> None:  # fmt: skip
+    """Start the Space and block. Host and port default to GRADIO_SERVER_NAME / GRADIO_SERVER_PORT, as on Spaces;
+    no share link; Gradio's analytics and the Hub's telemetry are off unless the environment turns them on."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    engine = create_engine(base_model, adapters)
+    from .ui import build_demo  # gradio is imported only now, after the switches above
+
+    demo = build_demo(engine, concurrency=_int_env("CONCURRENCY", 8))
+    try:
+        demo.launch(server_name=host, server_port=port, share=False, max_file_size=engine.limits.zip.max_zip_bytes)
+    finally:
+        engine.close()
+
+
+__all__ = ["AdapterEngine", "Limits", "create_engine", "launch", "parse_adapters", "quickstart_adapters"]

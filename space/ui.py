@@ -1,0 +1,275 @@
+"""build_demo(engine) -> gr.Blocks: chat, compare, adapter card, merge, export/push/add; the handlers stay thin."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from peft_trainer.lora.combine import COMBINATION_TYPES
+
+from .engine import BASE, AdapterEngine, Sampling
+
+log = logging.getLogger("space")
+BASE_LABEL = "base model (no adapter)"
+
+
+def _user_errors(fn: Callable) -> Callable:
+    """Show any failure as a clear message for this user only (gr.Error); the app keeps serving the others."""
+
+    def convert(e: Exception) -> gr.Error:
+        if not isinstance(e, (ValueError, OSError, KeyError)):
+            log.exception("handler %s failed", fn.__name__)
+        return gr.Error(str(e) or type(e).__name__)
+
+    if inspect.isgeneratorfunction(fn):
+
+        @functools.wraps(fn)
+        def stream(*args: Any) -> Iterator[Any]:
+            try:
+                yield from fn(*args)
+            except gr.Error:
+                raise
+            except Exception as e:
+                raise convert(e) from None
+
+        return stream
+
+    @functools.wraps(fn)
+    def call(*args: Any) -> Any:
+        try:
+            return fn(*args)
+        except gr.Error:
+            raise
+        except Exception as e:
+            raise convert(e) from None
+
+    return call
+
+
+def _weights(text: str) -> list[float] | None:
+    parts = [p for p in text.replace(";", ",").split(",") if p.strip()]
+    try:
+        return [float(p) for p in parts] or None
+    except ValueError:
+        raise ValueError(f"Weights must be numbers separated by commas, got {text!r}") from None
+
+
+def _card_markdown(card: dict[str, Any]) -> str:
+    targets = card["target_modules"]
+    rows = [
+        ("rank r", f"{card['r']}" + (f" (per-layer: {card['rank_pattern']})" if card["rank_pattern"] else "")),
+        ("lora_alpha", f"{card['lora_alpha']:g}" + (" (rsLoRA)" if card["use_rslora"] else "")),
+        ("target modules", targets if isinstance(targets, str) else ", ".join(targets)),
+        ("base model (adapter config)", card["base_model"] or "not recorded"),
+        ("base model (served)", card["served_base"]),
+        ("trainable parameters", f"{card['trainable_params']:,} ({card['trainable_percent']:.3f}% of the base)"),
+        ("source", card["source"]),
+    ]
+    table = "\n".join(f"| {k} | `{v}` |" for k, v in rows)
+    note = "" if card["loss"] else "\n\nNo training log (trainer_state.json) next to this adapter."
+    return f"### {card['name']}\n\n| field | value |\n|---|---|\n{table}{note}"
+
+
+def build_demo(engine: AdapterEngine, concurrency: int = 8) -> gr.Blocks:
+    """The Space's UI over ``engine``; each request carries its own adapter choice (component values are
+    per session), so users never switch adapters for each other."""
+    cap = engine.limits.max_new_tokens
+
+    def adapter_choices(with_base: bool = True) -> list[tuple[str, str]]:
+        return ([(BASE_LABEL, BASE)] if with_base else []) + [(n, n) for n in engine.names()]
+
+    def first_adapter() -> str | None:
+        names = engine.names()
+        return names[0] if names else None
+
+    def sampling(max_new_tokens: float, do_sample: bool, temperature: float, top_p: float, top_k: float, chat: bool):
+        return Sampling(int(max_new_tokens), bool(do_sample), float(temperature), float(top_p), int(top_k), bool(chat))
+
+    with gr.Blocks(title="peft-trainer: LoRA adapters", delete_cache=(3600, 3600)) as demo:
+        gr.Markdown(
+            f"# LoRA adapters on `{engine.base_name}`\nThe base model is loaded once; each request picks its "
+            "adapter without touching anyone else's."
+        )
+        if engine.startup_errors:
+            gr.Markdown(
+                "**Some adapters could not be loaded:**\n" + "\n".join(f"- {e}" for e in engine.startup_errors)
+            )
+        with gr.Accordion("Sampling settings (used by Chat, Compare and Merge)", open=False):
+            with gr.Row():
+                max_new = gr.Slider(1, cap, value=min(128, cap), step=1, label="Max new tokens")
+                do_sample = gr.Checkbox(False, label="Sample (off: greedy)")
+                chat = gr.Checkbox(True, label="Apply the chat template")
+            with gr.Row():
+                temperature = gr.Slider(0.05, 2.0, value=0.7, step=0.05, label="Temperature")
+                top_p = gr.Slider(0.05, 1.0, value=0.95, step=0.05, label="Top-p")
+                top_k = gr.Slider(0, 200, value=50, step=1, label="Top-k")
+        settings = [max_new, do_sample, temperature, top_p, top_k, chat]
+
+        with gr.Tabs():
+            with gr.Tab("Chat"):
+                adapter = gr.Dropdown(adapter_choices(), value=BASE, label="Adapter", allow_custom_value=True)
+                prompt = gr.Textbox(label="Prompt", lines=3, elem_id="prompt")
+                go = gr.Button("Generate", variant="primary", elem_id="generate")
+                output = gr.Textbox(label="Output", lines=8, elem_id="output", interactive=False)
+            with gr.Tab("Compare"):
+                with gr.Row():
+                    left = gr.Dropdown(adapter_choices(), value=BASE, label="Left", allow_custom_value=True)
+                    right = gr.Dropdown(
+                        adapter_choices(), value=first_adapter() or BASE, label="Right", allow_custom_value=True
+                    )
+                compare_prompt = gr.Textbox(label="Prompt for both", lines=2)
+                compare_go = gr.Button("Compare", variant="primary")
+                with gr.Row():
+                    left_out = gr.Textbox(label="Left output", lines=8, interactive=False)
+                    right_out = gr.Textbox(label="Right output", lines=8, interactive=False)
+            with gr.Tab("Adapter card"):
+                card_pick = gr.Dropdown(
+                    adapter_choices(False), value=first_adapter(), label="Adapter to inspect", allow_custom_value=True
+                )
+                card_md = gr.Markdown()
+                loss_plot = gr.LinePlot(x="step", y="loss", label="Training loss", height=260)
+            with gr.Tab("Merge"):
+                merge_pick = gr.Dropdown(
+                    engine.names(), multiselect=True, allow_custom_value=True, label="Adapters to merge (two or more)"
+                )
+                with gr.Row():
+                    weights = gr.Textbox(label="Weights, comma-separated (empty: equal)", placeholder="0.5, 0.5")
+                    combination = gr.Dropdown(list(COMBINATION_TYPES), value="svd", label="Combination type")
+                with gr.Row():
+                    svd_rank = gr.Number(0, precision=0, label="SVD rank (0: largest input rank)")
+                    density = gr.Slider(0.05, 1.0, value=0.5, step=0.05, label="Density (ties, dare, prune)")
+                    merged_name = gr.Textbox("merged", label="Name of the new adapter", elem_id="merged-name")
+                try_prompt = gr.Textbox(label="Try it on this prompt", lines=2, elem_id="try-prompt")
+                merge_go = gr.Button("Merge and try", variant="primary", elem_id="merge")
+                merge_status = gr.Textbox(label="Status", interactive=False, elem_id="merge-status")
+                try_out = gr.Textbox(
+                    label="Output of the merged adapter", lines=6, interactive=False, elem_id="try-output"
+                )
+            with gr.Tab("Export & add"):
+                export_pick = gr.Dropdown(
+                    adapter_choices(False), value=first_adapter(), label="Adapter to export, push or delete",
+                    allow_custom_value=True,
+                )  # fmt: skip
+                with gr.Row():
+                    export_go = gr.Button("Download adapter (PEFT zip)")
+                    merged_go = gr.Button(
+                        f"Download merged full model (base up to {engine.limits.max_merged_model_bytes >> 20} MB)"
+                    )
+                    delete_go = gr.Button("Delete (adapters you added in this session)", variant="stop")
+                download = gr.File(label="Download", interactive=False)
+                with gr.Row():
+                    push_repo = gr.Textbox(label="Hub repo id to push to", placeholder="your-name/my-adapter")
+                    push_token = gr.Textbox(label="Hub token (write)", type="password", placeholder="hf_...")
+                    push_private = gr.Checkbox(True, label="Private repo")
+                push_go = gr.Button("Push to the Hub")
+                with gr.Row():
+                    hub_repo = gr.Textbox(label="Add from a Hub repo id", placeholder="owner/adapter-repo")
+                    upload = gr.File(label="...or upload a zipped adapter folder", file_types=[".zip"])
+                    new_name = gr.Textbox(label="Name (optional)")
+                with gr.Row():
+                    hub_go = gr.Button("Add from the Hub")
+                    upload_go = gr.Button("Add the uploaded zip")
+                status = gr.Textbox(label="Status", interactive=False, elem_id="status")
+
+        lists = [adapter, left, right, card_pick, merge_pick, export_pick]
+        mine = gr.State([])  # names this session added: only those may it delete (others may be using the rest)
+
+        def refreshed(chat_value: str | None = None) -> list[Any]:
+            """New choices for every adapter list (this session); optionally select ``chat_value`` in Chat."""
+            full, names = adapter_choices(), adapter_choices(False)
+            chat_update = gr.update(choices=full, value=chat_value) if chat_value else gr.update(choices=full)
+            return [chat_update, gr.update(choices=full), gr.update(choices=full), gr.update(choices=names),
+                    gr.update(choices=engine.names()), gr.update(choices=names)]  # fmt: skip
+
+        @_user_errors
+        def generate(
+            adapter: str, prompt: str, max_new_tokens: float, do_sample: bool, temperature: float, top_p: float,
+            top_k: float, chat_template: bool,
+        ) -> Iterator[str]:  # fmt: skip
+            s = sampling(max_new_tokens, do_sample, temperature, top_p, top_k, chat_template)
+            yield from engine.stream(adapter, prompt, s)
+
+        @_user_errors
+        def compare(
+            left: str, right: str, prompt: str, max_new_tokens: float, do_sample: bool, temperature: float,
+            top_p: float, top_k: float, chat_template: bool,
+        ) -> Iterator[tuple[str, str]]:  # fmt: skip
+            s = sampling(max_new_tokens, do_sample, temperature, top_p, top_k, chat_template)
+            yield from engine.compare(left, right, prompt, s)
+
+        @_user_errors
+        def show_card(adapter: str | None) -> tuple[str, pd.DataFrame]:
+            if not adapter:
+                return "No adapter loaded.", pd.DataFrame({"step": [], "loss": []})
+            card = engine.card(adapter)
+            return _card_markdown(card), pd.DataFrame(card["loss"], columns=["step", "loss"])
+
+        @_user_errors
+        def merge(
+            adapters: list[str], weights: str, combination_type: str, svd_rank: float, density: float, name: str,
+            prompt: str, max_new_tokens: float, do_sample: bool, temperature: float, top_p: float, top_k: float,
+            chat_template: bool, added: list[str],
+        ) -> Iterator[tuple]:  # fmt: skip
+            rank = int(svd_rank or 0) or None
+            created = engine.merge(adapters or [], _weights(weights), name.strip(), combination_type, rank, density)
+            status = f"Created {created!r}; Chat now uses it."
+            yield status, "", *refreshed(created), [*added, created]
+            if prompt.strip():
+                s = sampling(max_new_tokens, do_sample, temperature, top_p, top_k, chat_template)
+                for piece in engine.stream(created, prompt, s):
+                    yield status, piece, *[gr.skip()] * (len(lists) + 1)
+
+        @_user_errors
+        def add_from_hub(repo: str, name: str, added: list[str]) -> list[Any]:
+            new = engine.add(repo, name.strip() or None)
+            return [f"Added {new!r} from {repo}.", *refreshed(), [*added, new]]
+
+        @_user_errors
+        def add_zip(zip_file: str | None, name: str, added: list[str]) -> list[Any]:
+            if not zip_file:
+                raise ValueError("Choose a .zip file first")
+            new = engine.add_zip(zip_file, name.strip() or None)
+            return [f"Added {new!r} from the upload.", *refreshed(), [*added, new]]
+
+        @_user_errors
+        def delete(adapter: str, added: list[str]) -> list[Any]:
+            if adapter not in added:
+                raise ValueError(f"{adapter!r} was not added in this session; you can delete only adapters you added")
+            engine.delete(adapter)
+            return [f"Deleted {adapter!r}.", *refreshed(), [a for a in added if a != adapter]]
+
+        @_user_errors
+        def export_adapter(adapter: str) -> str:
+            return str(engine.export_adapter(adapter))
+
+        @_user_errors
+        def export_merged(adapter: str) -> str:
+            return str(engine.export_merged_model(adapter))
+
+        @_user_errors
+        def push(adapter: str, repo_id: str, token: str, private: bool) -> str:
+            return f"Pushed {adapter!r} to {engine.push(adapter, repo_id, token, private)}"
+
+        go.click(generate, [adapter, prompt, *settings], output, api_name="generate")
+        prompt.submit(generate, [adapter, prompt, *settings], output, api_visibility="private")
+        compare_go.click(compare, [left, right, compare_prompt, *settings], [left_out, right_out], api_name="compare")
+        card_pick.change(show_card, card_pick, [card_md, loss_plot], api_name="card")
+        merge_go.click(
+            merge, [merge_pick, weights, combination, svd_rank, density, merged_name, try_prompt, *settings, mine],
+            [merge_status, try_out, *lists, mine], api_name="merge",
+        )  # fmt: skip
+        export_go.click(export_adapter, export_pick, download, api_name="export_adapter")
+        merged_go.click(export_merged, export_pick, download, api_name="export_merged")
+        delete_go.click(delete, [export_pick, mine], [status, *lists, mine], api_name="delete_adapter")
+        push_go.click(push, [export_pick, push_repo, push_token, push_private], status, api_name="push")
+        hub_go.click(add_from_hub, [hub_repo, new_name, mine], [status, *lists, mine], api_name="add_from_hub")
+        upload_go.click(add_zip, [upload, new_name, mine], [status, *lists, mine], api_name="add_zip")
+        demo.load(lambda name: [*refreshed(), *show_card(name)], card_pick, [*lists, card_md, loss_plot],
+                  api_visibility="private")  # fmt: skip
+    return demo.queue(default_concurrency_limit=concurrency)

@@ -1,0 +1,106 @@
+"""The Space in real headless Chromium (Debian's, driven by Playwright): pick an adapter, generate, merge, screenshot."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+from playwright.sync_api import Page, expect, sync_playwright
+
+from tests import space_helpers
+from tests.space_helpers import BASE, NEW_TOKENS, PROMPT, adapter_paths
+
+space_cache, adapter_dir, oracle = space_helpers.space_cache, space_helpers.adapter_dir, space_helpers.oracle
+CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+    "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
+]  # fmt: skip
+
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="no chromium executable on PATH (Debian: apt-get install chromium; or set CHROMIUM=path)"
+)
+
+
+@pytest.fixture(scope="module")
+def app_url(adapter_dir: Path, space_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    cwd = tmp_path_factory.mktemp("space_browser")
+    paths = adapter_paths(adapter_dir)
+    env = {"BASE_MODEL": BASE, "ADAPTERS": f"pirate={paths['pirate']},{paths['poet']}", "MAX_NEW_TOKENS": str(NEW_TOKENS),
+           "PEFT_TRAINER_CACHE": str(space_cache)}  # fmt: skip
+    proc, url = space_helpers.start_app(env, cwd / "app.log", cwd)
+    try:
+        yield url
+    finally:
+        space_helpers.stop_app(proc)
+
+
+@pytest.fixture
+def page(app_url: str, tmp_path: Path) -> Iterator[Page]:
+    """A fresh Chromium page on the app; any request to another host is aborted and recorded in ``page.blocked``."""
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.blocked, page.errors = [], []  # type: ignore[attr-defined]
+            host = urlsplit(app_url).netloc
+
+            def guard(route) -> None:
+                if urlsplit(route.request.url).netloc == host:
+                    route.continue_()
+                else:
+                    page.blocked.append(route.request.url)  # type: ignore[attr-defined]
+                    route.abort()
+
+            page.route("**/*", guard)
+            page.on("pageerror", lambda e: page.errors.append(str(e)))  # type: ignore[attr-defined]
+            page.goto(app_url)
+            expect(page.locator("#generate")).to_be_visible(timeout=30_000)
+            yield page
+        finally:
+            browser.close()
+
+
+def pick(page: Page, label: str, value: str) -> None:
+    """Choose ``value`` in the gr.Dropdown labelled ``label`` (a combobox + listbox, not a <select>)."""
+    box = page.get_by_role("combobox", name=label, exact=True)
+    box.click()
+    page.locator(f"#{box.get_attribute('aria-controls')}").get_by_role("option", name=value, exact=True).click()
+
+
+def screenshot_path(tmp_path: Path, name: str) -> Path:
+    """Under SPACE_SCREENSHOTS when set (to look at them), else in the test's temporary folder."""
+    folder = Path(os.environ.get("SPACE_SCREENSHOTS") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / name
+
+
+def test_pick_adapter_generate_and_merge(page: Page, oracle: dict[str, str], tmp_path: Path) -> None:
+    # MAX_NEW_TOKENS caps the slider, whose default is then NEW_TOKENS: the oracle's greedy length
+    pick(page, "Adapter", "pirate")
+    expect(page.get_by_role("combobox", name="Adapter", exact=True)).to_have_value("pirate")
+    page.locator("#prompt textarea").fill(PROMPT)
+    page.locator("#generate").click()
+    expect(page.locator("#output textarea")).to_have_value(oracle["pirate"], timeout=30_000)
+    page.screenshot(path=screenshot_path(tmp_path, "space_chat.png"), full_page=True)
+
+    page.get_by_role("tab", name="Merge").click()
+    pick(page, "Adapters to merge (two or more)", "pirate")
+    pick(page, "Adapters to merge (two or more)", "poet")
+    page.locator("#merged-name textarea").fill("both")
+    page.locator("#try-prompt textarea").fill(PROMPT)
+    page.locator("#merge").click()
+    expect(page.locator("#merge-status textarea")).to_have_value("Created 'both'; Chat now uses it.", timeout=30_000)
+    expect(page.locator("#try-output textarea")).to_have_value(oracle["both"], timeout=30_000)
+    page.screenshot(path=screenshot_path(tmp_path, "space_merge.png"), full_page=True)
+
+    page.get_by_role("tab", name="Chat").click()
+    expect(page.get_by_role("combobox", name="Adapter", exact=True)).to_have_value("both")
+    page.locator("#generate").click()
+    expect(page.locator("#output textarea")).to_have_value(oracle["both"], timeout=30_000)
+    assert page.blocked == [] and page.errors == []  # type: ignore[attr-defined]
