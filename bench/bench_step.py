@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny model only")
     parser.add_argument("--variants", default="ours,peft,frozen,full")
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--shapes", help='e.g. "4x128:0.05,1x512:0" (SmolLM2; default: all four)')
     args = parser.parse_args()
     if args.worker:
         worker(json.loads(args.worker))
@@ -76,6 +77,12 @@ def main() -> None:
     shapes = [("tiny", 4, 128, 0.05)] if args.quick else [
         ("smollm2", 4, 128, 0.05), ("smollm2", 4, 128, 0.0), ("smollm2", 1, 512, 0.05), ("smollm2", 1, 512, 0.0),
     ]  # fmt: skip
+    if args.shapes:
+        shapes = []
+        for item in args.shapes.split(","):
+            size, dropout = item.split(":")
+            batch, seq = size.split("x")
+            shapes.append(("smollm2", int(batch), int(seq), float(dropout)))
     variants = args.variants.split(",")
     head = ["model", "batch x seq", "dropout"] + [f"{v} step s" for v in variants] + ["ours/peft", "ours/frozen"]
     head += [f"{v} RSS MiB" for v in variants] + ["ours/peft RSS", "ours/frozen RSS"]

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from peft_trainer import LoraConfig, get_peft_model
-from peft_trainer.lora.layer import keep_mask
+from peft_trainer.lora.layer import keep_mask, seeded_keep_mask
 
 from .conftest import tiny_gpt2
 
@@ -19,8 +19,9 @@ def _reference(layer, x, seed, p):
     torch.manual_seed(seed)
     dropped = x
     if p > 0:
-        mask, scale = keep_mask(x.shape, p, x.device)
-        dropped = x * mask * scale
+        seed = int(torch.randint(2**62, ()))  # the branch draws its mask seed from the default generator
+        mask, scale = seeded_keep_mask(seed, x.reshape(-1, x.shape[-1]).shape, p, x.device)
+        dropped = x * mask.view(x.shape) * scale
     out = layer.base_layer(x) + (dropped @ a.T) @ b.T * layer.scaling["default"]
     return out, a, b
 

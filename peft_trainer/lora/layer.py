@@ -162,14 +162,18 @@ class Linear(LoraLayer):
         return delta.T if self.fan_in_fan_out else delta
 
     def lora_delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """``s · B(A(dropout(x)))`` for x ``(..., in)`` -> ``(..., out)``."""
+        """``s · B(A(dropout(x)))`` for x ``(..., in)`` -> ``(..., out)`` (plain autograd ops)."""
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
-        x = x.to(a.dtype)
-        if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad or x.requires_grad):
-            dropout = self.lora_dropout[name]
-            p = dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
-            return LoraBranch.apply(x, a, b, self.scaling[name], p)
-        return F.linear(F.linear(x, a), b) * self.scaling[name]
+        return F.linear(F.linear(self.lora_dropout[name](x.to(a.dtype)), a), b) * self.scaling[name]
+
+    def _train_add(self, name: str, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``result + s · B(A(dropout(x)))`` through :class:`LoraBranch` (the training path)."""
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        dropout = self.lora_dropout[name]
+        p = dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
+        if result.dtype == a.dtype:
+            return LoraBranch.apply(result, x.to(a.dtype), a, b, self.scaling[name], p)
+        return LoraBranch.apply(result.to(a.dtype), x.to(a.dtype), a, b, self.scaling[name], p).to(result.dtype)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -178,23 +182,23 @@ class Linear(LoraLayer):
             return result
         if isinstance(selection, RowGroups):
             return _add_rows(result, x, selection, self)
-        if torch.is_grad_enabled() or not result.is_contiguous():
-            dtype = result.dtype
+        if torch.is_grad_enabled():
             for name in selection:
                 if name in self.r:
-                    result = result + self.lora_delta(name, x)
-            return result.to(dtype)
+                    result = self._train_add(name, result, x)
+            return result
         # Inference: two kernels per adapter, accumulated in place into the fresh base output.
-        out = result.view(-1, result.shape[-1])
+        out = result if result.is_contiguous() else result.contiguous()
+        flat = out.view(-1, out.shape[-1])
         for name in selection:
             if name in self.r:
                 a, b = self.lora_A[name].weight, self.lora_B[name].weight
                 h = F.linear(x.reshape(-1, x.shape[-1]).to(a.dtype), a)
-                if b.dtype == out.dtype:
-                    out.addmm_(h, b.T, alpha=self.scaling[name])
+                if b.dtype == flat.dtype:
+                    flat.addmm_(h, b.T, alpha=self.scaling[name])
                 else:
-                    out += (F.linear(h, b) * self.scaling[name]).to(out.dtype)
-        return result
+                    flat += (F.linear(h, b) * self.scaling[name]).to(flat.dtype)
+        return out
 
 
 class Embedding(LoraLayer):
@@ -248,50 +252,73 @@ class Embedding(LoraLayer):
         return result.to(dtype)
 
 
-def keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:
-    """Dropout keep-mask from 16 random bits per element (several times faster than ``F.dropout`` on CPU).
-
-    P(drop) = round(p · 65536) / 65536 (within 8e-6 of p); the kept values are scaled by 1 / P(keep).
-    Drawn from torch's default generator, so seeds, the Trainer's RNG checkpoints and activation
-    checkpointing's RNG replay all see the same masks.
+def keep_mask(
+    shape: torch.Size, p: float, device: torch.device, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, float]:
+    """Dropout keep-mask (bool) from 16 random bits per element: several times faster than ``F.dropout`` on CPU.
+    P(drop) = round(p · 65536) / 65536 (within 8e-6 of p); kept values are scaled by the returned 1 / P(keep).
     """
     drop = round(p * 65536)
     n = math.prod(shape)
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), 2**63 - 1)
-    keep = words.view(torch.int16)[:n].view(shape) >= drop - 32768
-    return keep, 65536 / (65536 - drop)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device)
+    words.random_(-(2**63), 2**63 - 1, generator=generator)
+    return words.view(torch.int16)[:n].view(shape) >= drop - 32768, 65536 / (65536 - drop)
+
+
+def seeded_keep_mask(seed: int, shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:
+    """The keep-mask drawn from a generator seeded with ``seed``: the backward pass redraws it instead of storing it.
+
+    The seed itself comes from torch's default generator, so seeds, the Trainer's RNG checkpoints and activation
+    checkpointing's RNG replay all see the same masks.
+    """
+    return keep_mask(shape, p, device, torch.Generator(device=device).manual_seed(seed))
+
+
+def _as_factor(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0/1 tensor of ``dtype`` from a bool mask (through uint8: far faster than a bool multiply or ``.float()``)."""
+    return keep.view(torch.uint8).to(dtype)
 
 
 class LoraBranch(torch.autograd.Function):
-    """``s · B(A(dropout(x)))`` with a hand-written backward that saves ``x`` itself (shared by every projection
-    reading the same input) plus a 1-byte keep-mask, instead of a dropped-out float copy per projection."""
+    """``base_out + s · B(A(dropout(x)))`` in one fused multiply-add, with a hand-written backward.
+
+    It saves ``x`` itself (the same tensor for every projection reading it) and the seed of its dropout mask,
+    instead of a dropped-out float copy per projection; the scalings are applied to the rank-r tensors only.
+    """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, p: float) -> torch.Tensor:
-        # x (..., in), a (r, in), b (out, r) -> (..., out)
-        mask, keep_scale = keep_mask(x.shape, p, x.device) if p > 0 else (None, 1.0)
-        dropped = x * mask * keep_scale if mask is not None else x
-        h = F.linear(dropped, a)  # (..., r)
-        ctx.save_for_backward(x, a, b, h, mask)
-        ctx.scaling, ctx.keep_scale = scaling, keep_scale
-        return F.linear(h, b) * scaling
+    def forward(ctx, base_out, x, a, b, scaling: float, p: float):  # (..., out), (..., in), (r, in), (out, r)
+        flat = x.reshape(-1, x.shape[-1])
+        ctx.seed = int(torch.randint(2**62, (), device=x.device)) if p > 0 else None
+        keep, keep_scale = seeded_keep_mask(ctx.seed, flat.shape, p, x.device) if p > 0 else (None, 1.0)
+        s = scaling * keep_scale
+        h = F.linear(flat * _as_factor(keep, flat.dtype) if keep is not None else flat, a).mul_(s)  # (N, r)
+        out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), h, b.T)
+        ctx.save_for_backward(x, a, b, h)
+        ctx.s, ctx.p = s, p
+        return out.view(base_out.shape)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, a, b, h, mask = ctx.saved_tensors
-        g = grad.to(b.dtype) * ctx.scaling  # (..., out)
+    def backward(ctx, grad):
+        x, a, b, h = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1]).to(b.dtype)  # (N, out)
+        factor = None
+        if ctx.seed is not None:
+            shape = torch.Size((g.shape[0], x.shape[-1]))
+            factor = _as_factor(seeded_keep_mask(ctx.seed, shape, ctx.p, x.device)[0], a.dtype)
         grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[3]:
+            grad_b = g.T @ h  # (out, r)
+        gh = (g @ b).mul_(ctx.s)  # (N, r)
         if ctx.needs_input_grad[2]:
-            grad_b = g.reshape(-1, g.shape[-1]).T @ h.reshape(-1, h.shape[-1])  # (out, r)
-        gh = g @ b  # (..., r)
+            flat = x.reshape(-1, x.shape[-1])
+            grad_a = gh.T @ (flat * factor if factor is not None else flat)  # (r, in)
         if ctx.needs_input_grad[1]:
-            dropped = x * mask * ctx.keep_scale if mask is not None else x
-            grad_a = gh.reshape(-1, gh.shape[-1]).T @ dropped.reshape(-1, x.shape[-1])  # (r, in)
-        if ctx.needs_input_grad[0]:
             grad_x = gh @ a
-            if mask is not None:
-                grad_x = grad_x * mask * ctx.keep_scale
-        return grad_x, grad_a, grad_b, None, None
+            if factor is not None:
+                grad_x.mul_(factor)
+            grad_x = grad_x.view(x.shape)
+        return grad if ctx.needs_input_grad[0] else None, grad_x, grad_a, grad_b, None, None
 
 
 def _add_rows(result: torch.Tensor, x: torch.Tensor, rows: RowGroups, layer: Linear | Embedding) -> torch.Tensor:
