@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -37,6 +38,27 @@ _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
 }
 # Written verbatim so the file matches PEFT's; ignored on load.
 _INERT_DEFAULTS: dict[str, Any] = {"megatron_core": "megatron.core", "qalora_group_size": 16}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_names(v: Any) -> bool:
+    """A string, or a list of strings."""
+    return isinstance(v, str) or isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)
+
+
+def _is_regex(v: Any) -> bool:
+    try:
+        re.compile(v)
+    except (re.error, TypeError):
+        return False
+    return True
 
 
 @dataclass
@@ -94,16 +116,30 @@ class LoraConfig:
             )
         if self.task_type is not None and self.task_type not in TASK_TYPES:
             problems.append(f"task_type={self.task_type!r}: use one of {', '.join(TASK_TYPES)} or null")
-        for name in ("target_modules", "exclude_modules"):
+        for name in ("use_rslora", "fan_in_fan_out", "inference_mode"):
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"{name}={getattr(self, name)!r}: must be true or false")
+        for name in ("target_modules", "exclude_modules", "layers_pattern"):
             value = getattr(self, name)
-            if value is not None and not isinstance(value, str) and not all(isinstance(v, str) for v in value):
+            if value is not None and not _is_names(value):
                 problems.append(f"{name}={value!r}: must be a list of module names, a regex string or null")
+            elif isinstance(value, str) and not _is_regex(value):
+                problems.append(f"{name}={value!r}: not a valid regular expression")
+        saved = self.modules_to_save
+        if saved is not None and not (isinstance(saved, list) and _is_names(saved)):
+            problems.append(f"modules_to_save={saved!r}: must be a list of module names or null")
+        layers = self.layers_to_transform
+        indices = layers if isinstance(layers, (list, tuple)) else [layers]
+        if layers is not None and not all(_is_int(i) for i in indices):
+            problems.append(f"layers_to_transform={layers!r}: must be a layer index, a list of them or null")
         for name in ("rank_pattern", "alpha_pattern"):
             value = getattr(self, name)
-            if not isinstance(value, dict):
+            if not isinstance(value, dict) or not all(_is_regex(k) for k in value):
                 problems.append(f"{name}={value!r}: must be a mapping of module-name regex to number")
-            elif name == "rank_pattern" and any(not isinstance(v, int) or v <= 0 for v in value.values()):
+            elif name == "rank_pattern" and any(not _is_int(v) or v <= 0 for v in value.values()):
                 problems.append(f"rank_pattern={value!r}: ranks must be positive integers")
+            elif name == "alpha_pattern" and any(not _is_number(v) for v in value.values()):
+                problems.append(f"alpha_pattern={value!r}: alphas must be numbers")
         has_layers = self.layers_to_transform is not None or self.layers_pattern is not None
         if has_layers and isinstance(self.target_modules, str):
             problems.append("layers_to_transform/layers_pattern cannot be combined with a regex target_modules")
@@ -175,6 +211,6 @@ class LoraConfig:
         try:
             with open(file, encoding="utf-8") as f:
                 data = json.load(f)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise ValueError(f"{file} is not valid JSON ({e}); the adapter config is corrupt") from None
         return cls.from_dict(data, source=str(file))

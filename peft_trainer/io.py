@@ -23,7 +23,7 @@ _ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 def validate_adapter_name(name: Any) -> str:
     """Adapter names become folder names and module keys: letters, digits, '_' and '-' only."""
-    if not isinstance(name, str) or not _ADAPTER_NAME.match(name) or name == "__base__":
+    if not isinstance(name, str) or not _ADAPTER_NAME.fullmatch(name) or name == "__base__":
         raise ValueError(
             f"Invalid adapter name {name!r}: use a non-empty name of letters, digits, '_' or '-' "
             "(no path separators, dots or '..'; '__base__' is reserved for the bare base model)"
@@ -33,6 +33,8 @@ def validate_adapter_name(name: Any) -> str:
 
 def resolve_adapter_file(path: str | os.PathLike, filename: str, subfolder: str | None = None, **hub: Any) -> Path:
     """A local file inside ``path`` (a folder), or the file downloaded from the Hub repo ``path``."""
+    if subfolder and (os.path.isabs(subfolder) or ".." in re.split(r"[\\/]", subfolder)):
+        raise ValueError(f"subfolder={subfolder!r} must be a relative path inside {path} (no '..', not absolute)")
     local = Path(path)
     if local.is_dir():
         file = local / (subfolder or "") / filename
@@ -64,7 +66,7 @@ def load_weights(path: str | os.PathLike, subfolder: str | None = None, allow_pi
                 f"{pickled} is a pickle file, which can run code when loaded; it was not read. Convert it to "
                 f"{WEIGHTS_NAME}, or pass allow_pickle=True to load it with torch.load(weights_only=True)"
             ) from None
-        return torch.load(pickled, map_location="cpu", weights_only=True)
+        return _load_pickle(pickled)
     size = file.stat().st_size
     if size > MAX_ADAPTER_BYTES:
         raise ValueError(f"{file} is {size} bytes, over the {MAX_ADAPTER_BYTES}-byte limit for adapter files")
@@ -72,6 +74,22 @@ def load_weights(path: str | os.PathLike, subfolder: str | None = None, allow_pi
         return load_file(file)
     except (SafetensorError, OSError, RuntimeError) as e:
         raise ValueError(f"{file} is truncated or not a safetensors file ({e}); re-save or re-download it") from None
+
+
+def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
+    """``torch.load(weights_only=True)``: tensors and plain containers only, no code run; anything else is refused."""
+    try:
+        loaded = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        found = re.search(r"unsupported (?:global: )?(?:GLOBAL|operand) \S+", str(e), re.IGNORECASE)
+        detail = found.group(0) if found else type(e).__name__
+        raise ValueError(
+            f"{file} was refused by torch.load(weights_only=True): it is not a torch file or holds objects other "
+            f"than tensors ({detail}); nothing in it was run"
+        ) from None
+    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise ValueError(f"{file} does not hold a mapping of tensor names to tensors")
+    return loaded
 
 
 def _atomic_write(path: Path, write) -> None:

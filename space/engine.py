@@ -26,7 +26,7 @@ from peft_trainer import io
 from peft_trainer.config import LoraConfig
 from peft_trainer.lora.combine import COMBINATION_TYPES
 from peft_trainer.lora.layer import AdapterState
-from peft_trainer.lora.model import BASE, PeftModel
+from peft_trainer.lora.model import BASE, PeftModel, check_file_fits
 from peft_trainer.models import _HUB_ID  # the one definition of an "owner/name" repo id
 
 from . import files
@@ -230,6 +230,7 @@ class AdapterEngine:
         tensors = io.load_weights(folder)
         with self._lock.write():
             self._check_new_name(name)
+            check_file_fits(self.base, config, tensors, source)
             if self.peft is None:
                 self.peft = PeftModel(self.base, config, name)
             else:

@@ -50,7 +50,7 @@ def candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def _layer_index(key: str, layers_pattern: list[str] | str | None) -> int | None:
-    if layers_pattern is None:
+    if not layers_pattern:  # None, "" or []: any layer pattern, as in PEFT
         m = re.match(r".*?\.[^.]*\.(\d+)\.", key)
         return int(m.group(1)) if m else None
     for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
@@ -61,13 +61,17 @@ def _layer_index(key: str, layers_pattern: list[str] | str | None) -> int | None
 
 
 def matches_target(config: LoraConfig, key: str) -> bool:
-    """PEFT's rule: regex string = full match; list = exact name or dotted suffix; then the layer filter."""
+    """PEFT's rule: regex string = full match; list = exact name, or dotted suffix then the layer filter."""
     targets = config.target_modules
     if isinstance(targets, str):
         return re.fullmatch(targets, key) is not None
-    if not targets or not any(key == t or key.endswith("." + t) for t in targets):
+    if not targets:
         return False
-    if config.layers_to_transform is None:
+    if key in targets:  # named in full: PEFT applies no layer filter
+        return True
+    if not any(key.endswith("." + t) for t in targets):
+        return False
+    if config.layers_to_transform is None or config.layers_to_transform == []:  # [] filters nothing in PEFT
         return True
     index = _layer_index(key, config.layers_pattern)
     wanted = config.layers_to_transform
@@ -170,6 +174,24 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     if excluded:
         raise ValueError(f"All modules matching target_modules were excluded by exclude_modules. {hint}")
     raise ValueError(f"Target modules {config.target_modules} not found in the base model. {hint}")
+
+
+def factor_numel(model: nn.Module, config: LoraConfig) -> int:
+    """How many numbers adapter ``config`` would put in LoRA factors on ``model``: r·(in + out) per target, counted
+    without allocating anything. Resolves ``config``'s targets in place (pass a copy)."""
+    resolve_targets(model, config)
+    total = 0
+    for key in find_targets(model, config):
+        module = model.get_submodule(key)
+        base = module.base_layer if isinstance(module, LoraLayer) else module
+        if isinstance(base, nn.Embedding) or _is_conv1d(base):
+            n_in, n_out = base.weight.shape
+        elif hasattr(base, "in_features"):
+            n_in, n_out = base.in_features, base.out_features
+        else:
+            continue  # not supported: inject() says so
+        total += pattern_value(config.rank_pattern, key, config.r) * (n_in + n_out)
+    return total
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -17,7 +17,7 @@ from torch import nn
 from .. import io
 from ..config import LoraConfig
 from . import combine
-from .inject import inject
+from .inject import factor_numel, inject
 from .layer import AdapterState, Embedding, Linear, LoraLayer, ModulesToSaveWrapper, RowGroups
 
 BASE = "__base__"
@@ -399,12 +399,15 @@ class PeftModel(nn.Module):
         is_trainable: bool = False, config: LoraConfig | None = None, **kwargs: Any,
     ) -> PeftModel:  # fmt: skip
         """Load a saved (PEFT-format) adapter from a folder or Hub repo onto ``model``."""
+        io.validate_adapter_name(adapter_name)
         config = config or LoraConfig.from_pretrained(model_id, **kwargs)
         config = copy.deepcopy(config)
         config.inference_mode = not is_trainable
+        tensors = io.load_weights(model_id, **kwargs)
+        check_file_fits(model, config, tensors, str(model_id))
         peft_model = cls(model, config, adapter_name)
         try:
-            peft_model._load_weights(model_id, adapter_name, **kwargs)
+            peft_model.load_adapter_tensors(adapter_name, tensors, source=str(model_id))
         except Exception:
             peft_model.unload()
             raise
@@ -416,20 +419,19 @@ class PeftModel(nn.Module):
         self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **kwargs: Any
     ) -> None:
         """Add a saved adapter, inactive; it stays frozen unless ``is_trainable``."""
+        io.validate_adapter_name(adapter_name)
         config = copy.deepcopy(kwargs.pop("config", None) or LoraConfig.from_pretrained(model_id, **kwargs))
         config.inference_mode = not is_trainable
+        tensors = io.load_weights(model_id, **kwargs)
+        check_file_fits(self.base_model, config, tensors, str(model_id))
         self.add_adapter(adapter_name, config)
         try:
-            self._load_weights(model_id, adapter_name, **kwargs)
+            self.load_adapter_tensors(adapter_name, tensors, source=str(model_id))
         except Exception:
             self.delete_adapter(adapter_name)
             raise
         if not is_trainable:
             self.eval()
-
-    def _load_weights(self, model_id: str | os.PathLike, adapter_name: str, **kwargs: Any) -> None:
-        loaded = io.load_weights(model_id, **kwargs)
-        self.load_adapter_tensors(adapter_name, loaded, source=str(model_id))
 
     def load_adapter_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], source: str = "") -> None:
         """Copy on-disk-named tensors into adapter ``adapter_name``; every key and shape must fit."""
@@ -513,6 +515,20 @@ class PeftModel(nn.Module):
                     density=density, majority_sign_method=majority_sign_method,
                 )  # fmt: skip
                 target_a.copy_(new_a[: target_a.shape[0]]), target_b.copy_(new_b[:, : target_b.shape[1]])
+
+
+def check_file_fits(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Before any allocation: refuse a config whose LoRA factors would hold far more numbers than the file (an absurd
+    ``r`` or ``rank_pattern``, hostile or mistaken), which would otherwise allocate r·(in + out) per layer before the
+    shapes are compared. Smaller mismatches are left to ``load_adapter_tensors``, which names layers and shapes."""
+    planned = factor_numel(model, copy.deepcopy(config))
+    held = sum(t.numel() for t in tensors.values())
+    if planned > 4 * held + 2**24:
+        raise ValueError(
+            f"Adapter {source!r} does not fit this base model: its config (r={config.r}, rank_pattern="
+            f"{config.rank_pattern}) asks for {planned:,} LoRA parameters here but its weights file holds {held:,}; "
+            "r/rank_pattern do not match the tensors, or the adapter is for another (smaller) base model"
+        )
 
 
 def _factors(layer: LoraLayer, name: str) -> tuple[torch.Tensor, torch.Tensor]:
