@@ -22,6 +22,17 @@ from transformers import (  # noqa: E402
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="module")
+def embedded_cache(tmp_path_factory: pytest.TempPathFactory):
+    """The session's embedded-model cache (one folder for every module, so models are built once), never ~/.cache."""
+    from peft_trainer.models import CACHE_ENV
+
+    root = tmp_path_factory.getbasetemp() / "peft_trainer_cache"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(CACHE_ENV, str(root))
+        yield root
+
+
 def tiny_llama(seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(

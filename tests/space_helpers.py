@@ -11,14 +11,13 @@ import subprocess
 import sys
 import time
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
 from peft_trainer import LoraConfig, PeftModel, get_peft_model
-from peft_trainer.models import CACHE_ENV, load_model
+from peft_trainer.models import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = "tiny-llama"
@@ -38,12 +37,9 @@ OFFLINE_ENV = {
 
 
 @pytest.fixture(scope="module")
-def space_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """The session's embedded-model cache (same folder as test_models.py), never ~/.cache."""
-    root = tmp_path_factory.getbasetemp() / "peft_trainer_cache"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(CACHE_ENV, str(root))
-        yield root
+def space_cache(embedded_cache: Path) -> Path:
+    """The session's embedded-model cache (tests/conftest.py), also handed to the app processes."""
+    return embedded_cache
 
 
 def save_adapter(folder: Path, seed: int, r: int = 4, base: torch.nn.Module | None = None) -> Path:

@@ -29,13 +29,7 @@ ACCELERATE_CONFIGS = sorted((ROOT / "recipes" / "accelerate").glob("*.yaml"))
 QUIET = ["--disable_tqdm", "true", "--report_to", "none"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def shared_cache(tmp_path_factory: pytest.TempPathFactory):
-    """The session's embedded-model cache (same folder as test_models.py), never ~/.cache."""
-    root = tmp_path_factory.getbasetemp() / "peft_trainer_cache"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(models.CACHE_ENV, str(root))
-        yield root
+pytestmark = pytest.mark.usefixtures("embedded_cache")
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -42,12 +42,7 @@ PAIRS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def shared_cache(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.getbasetemp() / "peft_trainer_cache"  # same folder as test_models.py
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(models.CACHE_ENV, str(root))
-        yield root
+pytestmark = pytest.mark.usefixtures("embedded_cache")
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.trainer_helpers import adapter_file, assert_same_tensors
+from tests.trainer_helpers import adapter_file, assert_same_optimizer, assert_same_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "train_tiny.py"
@@ -112,14 +112,6 @@ def _losses(ckpt: Path) -> list[float]:
     return [e["loss"] for e in history if "loss" in e]
 
 
-def _assert_same_optimizer(a: dict, b: dict) -> None:
-    assert a["param_groups"] == b["param_groups"]
-    assert a["state"].keys() == b["state"].keys()
-    for i in a["state"]:
-        for k, v in a["state"][i].items():
-            assert torch.equal(v, b["state"][i][k]), (i, k)
-
-
 def _kill_at_random_moment(runner: Runner, out: Path, rng: random.Random, aim: str, first: float, last: float):
     """Start a run and kill -9 it: ``aim`` "write" waits for a staging folder and kills inside the (slowed) write,
     "step" kills just after a checkpoint was renamed into place, "any" after a random delay. Returns the exit code
@@ -180,7 +172,7 @@ def test_kill_9_then_resume_is_bit_identical_to_an_uninterrupted_run(runner, ref
         assert not _staging(out), where
         resumed = out / f"checkpoint-{MAX_STEPS}"
         assert_same_tensors(adapter_file(end), adapter_file(resumed))
-        _assert_same_optimizer(_optimizer(end), _optimizer(resumed))
+        assert_same_optimizer(_optimizer(end), _optimizer(resumed))
         assert _losses(end) == _losses(resumed), where
     kills = landed["write"] + landed["step"] + landed["end"]
     print(

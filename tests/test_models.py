@@ -14,14 +14,7 @@ import torch
 from peft_trainer import models
 from peft_trainer.models import EMBEDDED_MODELS, MARKER_NAME, load_model, load_tokenizer, resolve_model
 
-
-@pytest.fixture(scope="module", autouse=True)
-def shared_cache(tmp_path_factory: pytest.TempPathFactory):
-    """One cache for the session (test_data.py uses the same folder), never ~/.cache."""
-    root = tmp_path_factory.getbasetemp() / "peft_trainer_cache"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(models.CACHE_ENV, str(root))
-        yield root
+pytestmark = pytest.mark.usefixtures("embedded_cache")
 
 
 def test_embedded_names() -> None:
@@ -96,9 +89,9 @@ def test_unknown_names_list_embedded(name: str, why: str) -> None:
         assert embedded in str(info.value)
 
 
-def test_cached_folder_is_reused(shared_cache: Path) -> None:
+def test_cached_folder_is_reused(embedded_cache: Path) -> None:
     folder = Path(resolve_model("tiny-bert"))
-    assert folder == shared_cache / "models" / "tiny-bert"
+    assert folder == embedded_cache / "models" / "tiny-bert"
     assert (folder / MARKER_NAME).is_file() and (folder / "model.safetensors").is_file()
     mtime = (folder / "model.safetensors").stat().st_mtime_ns
     assert Path(resolve_model("tiny-bert")) == folder

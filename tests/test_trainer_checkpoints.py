@@ -17,7 +17,14 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from peft_trainer import PeftTrainer
 from tests.conftest import tiny_llama
-from tests.trainer_helpers import adapter_file, assert_same_tensors, fast_args, files_under, token_dataset
+from tests.trainer_helpers import (
+    adapter_file,
+    assert_same_optimizer,
+    assert_same_tensors,
+    fast_args,
+    files_under,
+    token_dataset,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "train_tiny.py"
@@ -96,14 +103,6 @@ def _optimizer_state(ckpt: Path) -> dict:
     return torch.load(ckpt / "optimizer.pt", weights_only=True)
 
 
-def _assert_same_optimizer(a: dict, b: dict) -> None:
-    assert a["param_groups"] == b["param_groups"]
-    assert a["state"].keys() == b["state"].keys()
-    for i in a["state"]:
-        for k, v in a["state"][i].items():
-            assert torch.equal(v, b["state"][i][k]), (i, k)
-
-
 @pytest.mark.slow
 def test_resume_in_fresh_process_is_bit_identical(tmp_path):
     """10 steps straight == 5 steps, stop, resume for 5 in a new process (dropout, shuffle, GA 2, checkpointing)."""
@@ -117,7 +116,7 @@ def test_resume_in_fresh_process_is_bit_identical(tmp_path):
     key = "base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"
     assert not torch.equal(adapter_file(straight / "checkpoint-5")[key], adapter_file(end)[key])  # it trained on
     assert_same_tensors(adapter_file(end), adapter_file(resumed))
-    _assert_same_optimizer(_optimizer_state(end), _optimizer_state(resumed))
+    assert_same_optimizer(_optimizer_state(end), _optimizer_state(resumed))
 
     def losses(ckpt: Path) -> list:
         return [e["loss"] for e in json.loads((ckpt / "trainer_state.json").read_text())["log_history"] if "loss" in e]

@@ -70,6 +70,15 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
             torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
+def assert_same_optimizer(a: dict, b: dict) -> None:
+    """Two optimizer state dicts (torch.load of optimizer.pt) are bit-identical."""
+    assert a["param_groups"] == b["param_groups"]
+    assert a["state"].keys() == b["state"].keys()
+    for i in a["state"]:
+        for k, v in a["state"][i].items():
+            assert torch.equal(v, b["state"][i][k]), (i, k)
+
+
 def files_under(folder: str | os.PathLike) -> list[str]:
     root = Path(folder)
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())

@@ -189,11 +189,12 @@ class Linear(LoraLayer):
             return result
         # Inference: two kernels per adapter, accumulated in place into the fresh base output.
         out = result if result.is_contiguous() else result.contiguous()
-        flat = out.view(-1, out.shape[-1])
+        flat, x2d = out.view(-1, out.shape[-1]), x.reshape(-1, x.shape[-1])
         for name in selection:
-            if name in self.r:
-                a, b = self.lora_A[name].weight, self.lora_B[name].weight
-                h = F.linear(x.reshape(-1, x.shape[-1]).to(a.dtype), a)
+            if name in self.r:  # plain dict lookups: ModuleDict/Module attribute access costs µs per token here
+                a = self.lora_A._modules[name]._parameters["weight"]
+                b = self.lora_B._modules[name]._parameters["weight"]
+                h = F.linear(x2d if x2d.dtype == a.dtype else x2d.to(a.dtype), a)
                 if b.dtype == flat.dtype:
                     flat.addmm_(h, b.T, alpha=self.scaling[name])
                 else:
@@ -252,26 +253,16 @@ class Embedding(LoraLayer):
         return result.to(dtype)
 
 
-def keep_mask(
-    shape: torch.Size, p: float, device: torch.device, generator: torch.Generator | None = None
-) -> tuple[torch.Tensor, float]:
-    """Dropout keep-mask (bool) from 16 random bits per element: several times faster than ``F.dropout`` on CPU.
-    P(drop) = round(p · 65536) / 65536 (within 8e-6 of p); kept values are scaled by the returned 1 / P(keep).
+def keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:
+    """Dropout keep-mask (bool) and the scale 1 / P(keep) for the kept values, from 16 random bits per element:
+    P(drop) = round(p · 65536) / 65536, within 8e-6 of p; several times faster than ``F.dropout`` on CPU. Drawn
+    from torch's default generator, so seeds, the Trainer's RNG checkpoints and activation checkpointing's RNG
+    replay all see the same masks.
     """
     drop = round(p * 65536)
     n = math.prod(shape)
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device)
-    words.random_(-(2**63), 2**63 - 1, generator=generator)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), 2**63 - 1)
     return words.view(torch.int16)[:n].view(shape) >= drop - 32768, 65536 / (65536 - drop)
-
-
-def seeded_keep_mask(seed: int, shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:
-    """The keep-mask drawn from a generator seeded with ``seed``: the backward pass redraws it instead of storing it.
-
-    The seed itself comes from torch's default generator, so seeds, the Trainer's RNG checkpoints and activation
-    checkpointing's RNG replay all see the same masks.
-    """
-    return keep_mask(shape, p, device, torch.Generator(device=device).manual_seed(seed))
 
 
 def _as_factor(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -282,30 +273,26 @@ def _as_factor(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class LoraBranch(torch.autograd.Function):
     """``base_out + s · B(A(dropout(x)))`` in one fused multiply-add, with a hand-written backward.
 
-    It saves ``x`` itself (the same tensor for every projection reading it) and the seed of its dropout mask,
-    instead of a dropped-out float copy per projection; the scalings are applied to the rank-r tensors only.
+    It saves ``x`` itself (the same tensor for every projection reading it) and a 1-byte keep-mask instead of a
+    dropped-out float copy per projection; the scalings are applied to the rank-r tensors only.
     """
 
     @staticmethod
     def forward(ctx, base_out, x, a, b, scaling: float, p: float):  # (..., out), (..., in), (r, in), (out, r)
         flat = x.reshape(-1, x.shape[-1])
-        ctx.seed = int(torch.randint(2**62, (), device=x.device)) if p > 0 else None
-        keep, keep_scale = seeded_keep_mask(ctx.seed, flat.shape, p, x.device) if p > 0 else (None, 1.0)
+        keep, keep_scale = keep_mask(flat.shape, p, x.device) if p > 0 else (None, 1.0)
         s = scaling * keep_scale
         h = F.linear(flat * _as_factor(keep, flat.dtype) if keep is not None else flat, a).mul_(s)  # (N, r)
         out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), h, b.T)
-        ctx.save_for_backward(x, a, b, h)
-        ctx.s, ctx.p = s, p
+        ctx.save_for_backward(x, a, b, h, keep)
+        ctx.s = s
         return out.view(base_out.shape)
 
     @staticmethod
     def backward(ctx, grad):
-        x, a, b, h = ctx.saved_tensors
+        x, a, b, h, keep = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1]).to(b.dtype)  # (N, out)
-        factor = None
-        if ctx.seed is not None:
-            shape = torch.Size((g.shape[0], x.shape[-1]))
-            factor = _as_factor(seeded_keep_mask(ctx.seed, shape, ctx.p, x.device)[0], a.dtype)
+        factor = _as_factor(keep, a.dtype) if keep is not None else None
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[3]:
             grad_b = g.T @ h  # (out, r)
