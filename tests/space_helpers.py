@@ -141,16 +141,21 @@ def free_port() -> int:
 
 
 def start_app(
-    env: dict[str, str], log_path: Path, cwd: Path, timeout: float = 120, unset: tuple[str, ...] = ()
+    env: dict[str, str],
+    log_path: Path,
+    cwd: Path,
+    timeout: float = 120,
+    unset: tuple[str, ...] = (),
+    command: list[str] | None = None,
 ) -> tuple[subprocess.Popen, str]:
-    """``python app.py`` on 127.0.0.1 in a new session; returns the process and the URL it printed."""
+    """``python app.py`` (or ``command``) on 127.0.0.1 in a new session; returns the process and the URL it printed."""
     full_env = {**os.environ, **OFFLINE_ENV, "GRADIO_SERVER_NAME": "127.0.0.1",
                 "GRADIO_SERVER_PORT": str(free_port()), "GRADIO_TEMP_DIR": str(cwd / ".gradio_tmp"), **env}  # fmt: skip
     for name in unset:
         full_env.pop(name, None)
     log = open(log_path, "w")  # noqa: SIM115 - closed by stop_app
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "app.py")], cwd=cwd, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+        command or [sys.executable, str(ROOT / "app.py")], cwd=cwd, env=full_env, stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True,
     )  # fmt: skip
     proc.log_file = log  # type: ignore[attr-defined]

@@ -363,14 +363,6 @@ def fake_space(monkeypatch):
     return calls
 
 
-def test_space_command_starts_the_space_with_its_options(fake_space) -> None:
-    assert (
-        main(["space", "--base-model", "tiny-llama", "--adapter", "a=out/a", "--adapter", "out/b", "--port", "7999"])
-        == 0
-    )
-    assert fake_space == [{"base_model": "tiny-llama", "adapters": ["a=out/a", "out/b"], "host": None, "port": 7999}]
-
-
 def test_quickstart_trains_scores_and_starts_the_space_on_tiny_llama(tmp_path: Path, fake_space, capsys) -> None:
     prompts = _write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "What is the capital of Japan?"}, {"prompt": "Hi"}])
     args = ["quickstart", "--output-root", str(tmp_path / "qs"), "--model_name_or_path", "tiny-llama",

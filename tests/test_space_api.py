@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import time
 import zipfile
 from collections.abc import Iterator
@@ -225,6 +226,20 @@ def test_add_from_hub_and_push_report_clear_errors(client: Client) -> None:
 def test_base_model_loaded_once_over_all_requests(app) -> None:
     log = app[1].read_text(errors="replace")
     assert log.count("loading base model tiny-llama") == 1 and "added adapter" in log
+
+
+def test_cli_space_command_serves_the_same_outputs(adapter_dir: Path, space_cache: Path, tmp_path: Path, oracle):
+    """``peft-trainer space --base-model ... --adapter name=folder`` starts the same Space (host/port from the env)."""
+    paths = adapter_paths(adapter_dir)
+    command = [sys.executable, "-m", "peft_trainer.cli", "space", "--base-model", BASE, "--adapter",
+               f"pirate={paths['pirate']}"]  # fmt: skip
+    proc, url = space_helpers.start_app({"PEFT_TRAINER_CACHE": str(space_cache)}, tmp_path / "cli.log", tmp_path,
+                                        command=command)  # fmt: skip
+    try:
+        client = Client(url, analytics_enabled=False, verbose=False)
+        assert client.predict(*gen("pirate"), api_name="/generate") == oracle["pirate"]
+    finally:
+        space_helpers.stop_app(proc)
 
 
 def test_no_network_unless_asked(adapter_dir: Path, space_cache: Path, tmp_path: Path, oracle) -> None:
