@@ -171,8 +171,7 @@ class Linear(LoraLayer):
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
         dropout = self.lora_dropout[name]
         p = dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
-        if result.dtype == a.dtype:
-            return LoraBranch.apply(result, x.to(a.dtype), a, b, self.scaling[name], p)
+        # .to() is a no-op when the dtypes already agree (float bases); 4-/8-bit bases compute in 16 bits
         return LoraBranch.apply(result.to(a.dtype), x.to(a.dtype), a, b, self.scaling[name], p).to(result.dtype)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
