@@ -26,10 +26,11 @@ def build(case: dict):
     model.config.use_cache = False
     variant = case["variant"]
     kwargs = dict(r=16, lora_alpha=32, lora_dropout=case["dropout"], target_modules=TARGETS)
-    if variant == "ours":
+    if variant in ("ours", "ours-logits"):
         from peft_trainer import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(**kwargs))
+        model.chunked_loss = variant == "ours"  # PeftTrainer's default; "ours-logits" keeps the model's own loss
     elif variant == "peft":
         import peft
 
@@ -50,7 +51,8 @@ def worker(case: dict) -> None:
         model = build(case)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
-        state.update(model=model, opt=torch.optim.AdamW(params, lr=1e-4) if params else None)
+        # fused AdamW: the Trainer's default optimizer ("adamw_torch_fused"), for every variant alike
+        state.update(model=model, opt=torch.optim.AdamW(params, lr=1e-4, fused=True) if params else None)
         state["batch"] = torch.randint(0, model.config.vocab_size, (case["batch"], case["seq"]))
 
     def step() -> None:

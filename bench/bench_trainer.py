@@ -3,7 +3,7 @@
     python bench/bench_trainer.py [--quick] [--steps 6] [--warmup 2] [--configs "tiny 4x128 QLoRA,..."]
 
 Configurations: SmolLM2-135M-Instruct LoRA (batch 4 x seq 128, batch 1 x seq 512; r=16, alpha=32, dropout 0.05,
-all linear layers) and a tiny Llama with LoRA and with QLoRA (4-bit NF4, double quantization). Each (configuration,
+all linear layers), SmolLM2 QLoRA (4-bit NF4, double quantization) and a tiny Llama with LoRA and with QLoRA. Each (configuration,
 trainer) pair runs in its own process; their steps are run in turn (interleaved) so both see the same background
 load. A TrainerCallback times on_step_begin -> on_step_end (forward, backward, optimizer step; data loading
 excluded); peak RSS is sampled (psutil, every 5 ms) while training, and ru_maxrss covers the whole process.
@@ -26,6 +26,7 @@ from bench.common import PeakRSS, interleave, smollm2, tiny_llama  # noqa: E402
 CONFIGS = {
     "smollm2 4x128": dict(model="smollm2", batch=4, seq=128, quant=False),
     "smollm2 1x512": dict(model="smollm2", batch=1, seq=512, quant=False),
+    "smollm2 4x128 QLoRA": dict(model="smollm2", batch=4, seq=128, quant=True),
     "tiny 4x128 LoRA": dict(model="tiny", batch=4, seq=128, quant=False),
     "tiny 4x128 QLoRA": dict(model="tiny", batch=4, seq=128, quant=True),
 }
@@ -33,13 +34,14 @@ LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear")
 
 
 def _base(case: dict):
-    """The base model; for QLoRA the tiny Llama saved to a folder and reloaded in 4 bit (``str`` path for ours)."""
+    """The base model; for QLoRA it is saved to a folder and reloaded in 4 bit (``str`` path for ours)."""
+    model = smollm2() if case["model"] == "smollm2" else tiny_llama()
+    weights = "random weights" if getattr(model.config, "_name_or_path", "") == "" else "real weights"
     if not case["quant"]:
-        model = smollm2() if case["model"] == "smollm2" else tiny_llama()
-        return model, "random weights" if getattr(model.config, "_name_or_path", "") == "" else "real weights"
-    path = Path(tempfile.mkdtemp()) / "tiny"
-    tiny_llama().save_pretrained(path)
-    return str(path), "random weights"
+        return model, weights
+    path = Path(tempfile.mkdtemp()) / case["model"]
+    model.save_pretrained(path)
+    return str(path), weights
 
 
 def _bnb():

@@ -62,6 +62,13 @@ class PeftTrainingArguments(TrainingArguments):
     bnb_4bit_use_double_quant: bool = field(
         default=True, metadata={"help": "Quantize the 4-bit quantization constants too (QLoRA double quant)."}
     )
+    chunked_loss: bool = field(
+        default=True,
+        metadata={
+            "help": "Causal-LM loss in row chunks straight from the hidden states, without the B x T x vocab logits "
+            "(training steps of Llama/Mistral/Qwen2/Qwen3 heads; others use the model's own loss)."
+        },
+    )
     base_model_name_or_path: str | None = field(
         default=None, metadata={"help": "Hub id of the base model for the model card (default: the base's own id)."}
     )

@@ -129,6 +129,7 @@ class PeftTrainer(Trainer):
             args.ddp_find_unused_parameters = False  # every LoRA parameter gets a gradient in every step
         self._hub_id = model if isinstance(model, str) and not os.path.isdir(model) else None
         model = self._build_model(model, args, lora_config)
+        model.chunked_loss = getattr(args, "chunked_loss", True)
         if args.activation_checkpointing and getattr(model, "main_input_name", None) != "input_ids":
             model.enable_input_require_grads()  # transformers does this itself only for input_ids models
         self._staging_dir: str | None = None

@@ -74,3 +74,24 @@ def test_eval_mode_has_no_dropout_and_matches_training_formula_without_it():
     layer = model.base_model[0]
     expected = layer.base_layer(x) + layer.lora_delta("default", x)
     torch.testing.assert_close(first, expected)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_fused_linear_path_gives_base_weight_and_bias_gradients_when_they_train(p):
+    model = get_peft_model(nn.Sequential(nn.Linear(24, 40)), LoraConfig(r=4, lora_dropout=p, target_modules=["0"],
+                                                                        init_lora_weights=False))  # fmt: skip
+    layer = model.base_model[0]
+    layer.base_layer.weight.requires_grad_(True)
+    layer.base_layer.bias.requires_grad_(True)
+    model.train()
+    x = torch.randn(5, 24)  # the input itself needs no gradient
+    grad_out = torch.randn(5, 40)
+    torch.manual_seed(3)
+    layer(x).backward(grad_out)
+    weight, bias = layer.base_layer.weight, layer.base_layer.bias
+    ours = (weight.grad.clone(), bias.grad.clone())
+    weight.grad = bias.grad = None
+    ref, _, _ = _reference(layer, x, 3, p)
+    ref.backward(grad_out)
+    torch.testing.assert_close(ours[0], weight.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours[1], bias.grad, atol=1e-5, rtol=1e-5)

@@ -54,8 +54,9 @@ def _numbers(trainer) -> list[dict]:
     ],
     ids=["ga2-eval", "label-smoothing"],
 )
-def test_same_numbers_and_adapter_as_peft_with_trainer(tmp_path, overrides):
-    ref, ours = _reference(tmp_path, **overrides), _ours(tmp_path, **overrides)
+@pytest.mark.parametrize("chunked_loss", [False, True])
+def test_same_numbers_and_adapter_as_peft_with_trainer(tmp_path, overrides, chunked_loss):
+    ref, ours = _reference(tmp_path, **overrides), _ours(tmp_path, chunked_loss=chunked_loss, **overrides)
     ref.train(), ours.train()
     expected, got = _numbers(ref), _numbers(ours)
     assert [e.keys() for e in got] == [e.keys() for e in expected]
@@ -64,7 +65,9 @@ def test_same_numbers_and_adapter_as_peft_with_trainer(tmp_path, overrides):
     if "eval_strategy" in overrides:
         assert sum("eval_loss" in e for e in got) == 2
     ours.save_model()
-    assert_same_tensors(adapter_file(ours.args.output_dir), get_peft_model_state_dict(ref.model), exact=False)
+    # Our fused LoRA functions and the chunked loss sum in another order than peft (the same accuracy against
+    # float64); Adam's first steps, on gradients near zero, magnify those last-bit differences in the weights.
+    assert_same_tensors(adapter_file(ours.args.output_dir), get_peft_model_state_dict(ref.model), atol=1e-4)
 
 
 def test_label_smoothing_without_the_fix_differs(tmp_path):
@@ -144,7 +147,7 @@ def test_activation_checkpointing_with_frozen_base(tmp_path, reentrant):
         tmp_path, "ckpt", activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": reentrant}
     )
     assert all(not torch.equal(before[k], ckpt[k]) for k in ckpt)  # every LoRA tensor trained
-    assert_same_tensors(plain, ckpt, exact=False)
+    assert_same_tensors(plain, ckpt, atol=1e-6)
 
 
 def test_neftune_use_cache_and_flops_reach_the_base(tmp_path):

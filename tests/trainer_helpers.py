@@ -61,13 +61,14 @@ def adapter_file(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     return load_file(str(Path(folder) / "adapter_model.safetensors"))
 
 
-def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], exact: bool = True) -> None:
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float | None = None) -> None:
+    """Equal key sets and tensors: bit-equal by default, else within ``atol`` (rtol 1e-5)."""
     assert sorted(a) == sorted(b)
     for k in a:
-        if exact:
+        if atol is None:
             assert torch.equal(a[k], b[k]), k
         else:
-            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=atol, msg=k)
 
 
 def assert_same_optimizer(a: dict, b: dict) -> None:

@@ -16,6 +16,7 @@ from torch import nn
 
 from .. import io
 from ..config import LoraConfig
+from ..loss import can_chunk, causal_lm_forward
 from . import combine
 from .inject import factor_numel, inject
 from .layer import AdapterState, Embedding, Linear, LoraLayer, ModulesToSaveWrapper, RowGroups
@@ -31,6 +32,9 @@ class PeftModel(nn.Module):
     """
 
     _hf_peft_config_loaded = True  # lets transformers' Trainer fine-tune quantized bases through this wrapper
+    # Training calls with labels compute the loss in chunks from the hidden states (peft_trainer.loss): the
+    # output's logits are None. PeftTrainer turns it on (PeftTrainingArguments.chunked_loss).
+    chunked_loss = False
 
     def __new__(cls, base_model: nn.Module | None = None, *args: Any, **kwargs: Any) -> PeftModel:
         return super().__new__(cls if base_model is None else _class_for(cls, type(base_model)))
@@ -241,9 +245,17 @@ class PeftModel(nn.Module):
 
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         if adapter_names is None:
+            if self.chunked_loss and self._chunkable(args, kwargs):
+                return causal_lm_forward(self.base_model, **kwargs)
             return self.base_model(*args, **kwargs)
         with self._rows(adapter_names, *self._batch_of(args, kwargs)):
             return self.base_model(*args, **kwargs)
+
+    def _chunkable(self, args: tuple, kwargs: dict) -> bool:
+        return (
+            not args and kwargs.get("labels") is not None and self.training and torch.is_grad_enabled()
+            and can_chunk(self.base_model)
+        )  # fmt: skip
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         if adapter_names is None:

@@ -1,0 +1,83 @@
+"""Chunked causal-LM loss: cross-entropy straight from the last hidden states, never holding B x T x vocab logits.
+
+The loss and its gradient for the hidden states are computed together, a few hundred rows at a time, in the
+forward pass; rows whose label is ignored (-100, and the last position of each sequence) get no logits at all.
+Same formula as transformers' ``ForCausalLMLoss`` (shifted labels, ``ignore_index=-100``, sum divided by
+``num_items_in_batch`` when the Trainer passes it, else the mean over counted tokens).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+# Decoder-only models whose head is exactly ``lm_head(model(...).last_hidden_state)`` (no logit scaling/capping).
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+CHUNK_BYTES = 32 * 2**20  # float32 logits held per chunk
+IGNORE_INDEX = -100
+
+
+def can_chunk(model: nn.Module) -> bool:
+    """True for a supported causal LM whose frozen ``lm_head`` is a plain ``nn.Linear``."""
+    config = getattr(model, "config", None)
+    head = getattr(model, "lm_head", None)
+    return (
+        getattr(config, "model_type", None) in MODEL_TYPES
+        and type(head) is nn.Linear
+        and head.bias is None
+        and not head.weight.requires_grad
+        and isinstance(getattr(model, "model", None), nn.Module)
+    )
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """``sum_i CE(hidden_i @ Wᵀ, target_i) / divisor`` for the rows given; saves only the hidden-state gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, divisor):  # (N, d), (V, d), (N,), scalar tensor
+        rows = max(16, CHUNK_BYTES // (4 * weight.shape[0]))
+        grad = torch.empty_like(hidden)
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], rows):
+            h, t = hidden[start : start + rows], targets[start : start + rows]
+            logits = (h @ weight.T).float()  # (n, V)
+            lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, t[:, None]).squeeze(1)
+            total += (lse - picked).sum()
+            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+            probs[torch.arange(len(t), device=t.device), t] -= 1
+            grad[start : start + rows] = (probs.to(weight.dtype) @ weight).to(grad.dtype)
+        ctx.save_for_backward(grad, divisor)
+        return total / divisor
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad, divisor = ctx.saved_tensors
+        return grad * (grad_loss / divisor).to(grad.dtype), None, None, None
+
+
+def causal_lm_forward(model: nn.Module, **kwargs: Any) -> Any:
+    """``model(**kwargs)`` for a training step with ``labels``, with the chunked loss and ``logits=None``."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    labels = kwargs.pop("labels")
+    shift_labels = kwargs.pop("shift_labels", None)
+    divisor = kwargs.pop("num_items_in_batch", None)
+    kwargs.pop("logits_to_keep", None)
+    out = model.model(**kwargs)
+    hidden = out.last_hidden_state
+    if shift_labels is None:
+        shift_labels = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    targets = shift_labels.reshape(-1).to(hidden.device)
+    rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    if divisor is None:
+        divisor = torch.tensor(float(len(rows)), device=hidden.device)
+    elif not torch.is_tensor(divisor):
+        divisor = torch.tensor(float(divisor), device=hidden.device)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    picked = flat.index_select(0, rows) if len(rows) < len(targets) else flat
+    loss = LinearCrossEntropy.apply(picked, model.lm_head.weight, targets[rows], divisor.to(hidden.device))
+    rest = {key: value for key, value in out.items() if key != "last_hidden_state"}
+    return CausalLMOutputWithPast(loss=loss, logits=None, **rest)
