@@ -15,7 +15,7 @@ from torch import nn
 
 # Decoder-only models whose head is exactly ``lm_head(model(...).last_hidden_state)`` (no logit scaling/capping).
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-CHUNK_BYTES = 8 * 2**20  # float32 logits held per chunk
+CHUNK_BYTES = 32 * 2**20  # float32 logits per chunk; each chunk reads the whole head weight again
 IGNORE_INDEX = -100
 
 
