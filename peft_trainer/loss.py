@@ -72,12 +72,9 @@ def causal_lm_forward(model: nn.Module, **kwargs: Any) -> Any:
         shift_labels = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
     targets = shift_labels.reshape(-1).to(hidden.device)
     rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)
-    if divisor is None:
-        divisor = torch.tensor(float(len(rows)), device=hidden.device)
-    elif not torch.is_tensor(divisor):
-        divisor = torch.tensor(float(divisor), device=hidden.device)
+    divisor = torch.as_tensor(float(len(rows)) if divisor is None else divisor, device=hidden.device)
     flat = hidden.reshape(-1, hidden.shape[-1])
     picked = flat.index_select(0, rows) if len(rows) < len(targets) else flat
-    loss = LinearCrossEntropy.apply(picked, model.lm_head.weight, targets[rows], divisor.to(hidden.device))
+    loss = LinearCrossEntropy.apply(picked, model.lm_head.weight, targets[rows], divisor)
     rest = {key: value for key, value in out.items() if key != "last_hidden_state"}
     return CausalLMOutputWithPast(loss=loss, logits=None, **rest)
