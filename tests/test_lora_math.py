@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from peft_trainer import LoraConfig, get_peft_model
-from peft_trainer.lora.layer import keep_mask
+from peft_trainer.lora.functions import keep_input, keep_mask, restore_input
 
-from .conftest import tiny_gpt2
+from .conftest import tiny_gpt2, tiny_llama
 
 
 def _reference(layer, x, seed, p):
@@ -95,3 +95,44 @@ def test_fused_linear_path_gives_base_weight_and_bias_gradients_when_they_train(
     ref.backward(grad_out)
     torch.testing.assert_close(ours[0], weight.grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours[1], bias.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_inputs_kept_as_autograd_factors_are_rebuilt_bit_for_bit():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    h = torch.randn(2, 5, 16, requires_grad=True)
+    norm = LlamaRMSNorm(16)
+    nn.init.normal_(norm.weight.requires_grad_(False))
+    normed = norm(h)  # weight * (h * rstd): weight and (h, rstd) are what the multiplications keep anyway
+    parts, layout = keep_input(normed)
+    assert layout == (1, 2) and all(part is not normed for part in parts)
+    assert torch.equal(restore_input(parts, layout), normed)
+    gate, up = torch.randn(2, 5, 24, requires_grad=True), torch.randn(2, 5, 24, requires_grad=True)
+    swiglu = nn.functional.silu(gate) * up
+    parts, layout = keep_input(swiglu)
+    assert layout == (1, 1) and torch.equal(restore_input(parts, layout), swiglu)
+    for other in (h, h * 2.0, normed.view(10, 16), normed + 1):  # a leaf, a scalar product, a view, a sum
+        assert keep_input(other) == ((other,), None)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):  # checkpointing decides what is kept
+        assert keep_input(normed) == ((normed,), None)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_training_gradients_are_the_same_whether_inputs_are_kept_or_rebuilt(p):
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_dropout=p, target_modules="all-linear",
+                                                    init_lora_weights=False))  # fmt: skip
+    model.train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+
+    def grads() -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(5)
+        model(input_ids=ids, labels=ids).loss.backward()
+        return [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    rebuilt = grads()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):  # every input kept as it is
+        kept = grads()
+    assert len(rebuilt) == len(kept) == 2 * 7 * 2
+    for ours, reference in zip(rebuilt, kept):
+        assert torch.equal(ours, reference)

@@ -7,11 +7,11 @@ import math
 from contextvars import ContextVar
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .functions import LoraBranch, LoraLinear
 from .quant import is_quantized_weight, read_weight, write_weight
 
 
@@ -270,112 +270,6 @@ class Embedding(LoraLayer):
             if name in self.r:
                 result = result + self.lora_delta(name, x)
         return result.to(dtype)
-
-
-def keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:
-    """Dropout keep-mask (bool) and the scale 1 / P(keep) for the kept values, from 16 random bits per element:
-    P(drop) = round(p · 65536) / 65536, within 8e-6 of p; several times faster than ``F.dropout`` on CPU.
-
-    Everything derives from torch's default generator (on CPU one 64-bit draw seeds numpy's SFC64, which makes
-    the bits twice as fast as torch's serial CPU generator), so seeds, the Trainer's RNG checkpoints and
-    activation checkpointing's RNG replay all see the same masks.
-    """
-    drop = round(p * 65536)
-    n = math.prod(shape)
-    words = (n + 3) // 4
-    if device.type == "cpu":
-        seed = int(torch.empty((), dtype=torch.int64).random_(-(2**63), None)) & (2**64 - 1)
-        bits = torch.from_numpy(np.random.SFC64(seed).random_raw(words).view(np.int16))
-    else:
-        bits = torch.empty(words, dtype=torch.int64, device=device).random_(-(2**63), None).view(torch.int16)
-    return bits[:n].view(shape) >= drop - 32768, 65536 / (65536 - drop)
-
-
-def _as_factor(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """0/1 tensor of ``dtype`` from a bool mask (through uint8: far faster than a bool multiply or ``.float()``)."""
-    return keep.view(torch.uint8).to(dtype)
-
-
-def _down(flat: torch.Tensor, a: torch.Tensor, scaling: float, p: float):
-    """The rank-r activations ``h = s · dropout(x) Aᵀ`` (N, r), the keep-mask (None without dropout) and s."""
-    keep, keep_scale = keep_mask(flat.shape, p, flat.device) if p > 0 else (None, 1.0)
-    s = scaling * keep_scale
-    return F.linear(flat * _as_factor(keep, flat.dtype) if keep is not None else flat, a).mul_(s), keep, s
-
-
-def _factor_grads(g: torch.Tensor, flat: torch.Tensor, a, b, h, keep, s: float, needs: tuple[bool, bool]):
-    """grad A and grad B (None where not needed), ``gh = s · g B`` (N, r) and the mask as a 0/1 factor (or None)."""
-    factor = _as_factor(keep, a.dtype) if keep is not None else None
-    grad_b = g.T @ h if needs[1] else None  # (out, r)
-    gh = (g @ b).mul_(s)
-    grad_a = gh.T @ (flat * factor if factor is not None else flat) if needs[0] else None  # (r, in)
-    return grad_a, grad_b, gh, factor
-
-
-class LoraBranch(torch.autograd.Function):
-    """``base_out + s · B(A(dropout(x)))`` in one fused multiply-add, with a hand-written backward.
-
-    It saves ``x`` itself (the same tensor for every projection reading it) and a 1-byte keep-mask instead of a
-    dropped-out float copy per projection; the scalings are applied to the rank-r tensors only.
-    """
-
-    @staticmethod
-    def forward(ctx, base_out, x, a, b, scaling: float, p: float):  # (..., out), (..., in), (r, in), (out, r)
-        h, keep, ctx.s = _down(x.reshape(-1, x.shape[-1]), a, scaling, p)
-        out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), h, b.T)
-        ctx.save_for_backward(x, a, b, h, keep)
-        return out.view(base_out.shape)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, a, b, h, keep = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1]).to(b.dtype)  # (N, out)
-        flat = x.reshape(-1, x.shape[-1])
-        grad_a, grad_b, gh, factor = _factor_grads(g, flat, a, b, h, keep, ctx.s, ctx.needs_input_grad[2:4])
-        grad_x = None
-        if ctx.needs_input_grad[1]:
-            grad_x = gh @ a
-            if factor is not None:
-                grad_x.mul_(factor)
-            grad_x = grad_x.view(x.shape)
-        return grad if ctx.needs_input_grad[0] else None, grad_x, grad_a, grad_b, None, None
-
-
-class LoraLinear(torch.autograd.Function):
-    """``x Wᵀ + bias + s · B(A(dropout(x)))`` for a plain ``nn.Linear`` base: :class:`LoraBranch` with the base
-    matmul inside, so the LoRA term is added in place into the base output and its input gradient in place into
-    the base's (no separate output copy and no gradient sum per projection).
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, a, b, scaling: float, p: float):
-        flat = x.reshape(-1, x.shape[-1])
-        h, keep, ctx.s = _down(flat, a, scaling, p)
-        out = F.linear(flat, weight, bias).addmm_(h, b.T)
-        ctx.save_for_backward(x, weight, a, b, h, keep)
-        ctx.has_bias = bias is not None
-        return out.view(*x.shape[:-1], out.shape[-1])
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, a, b, h, keep = ctx.saved_tensors
-        need_x, need_w, need_bias = ctx.needs_input_grad[:3]
-        g = grad.reshape(-1, grad.shape[-1])  # (N, out)
-        flat = x.reshape(-1, x.shape[-1])
-        grad_a, grad_b, gh, factor = _factor_grads(g, flat, a, b, h, keep, ctx.s, ctx.needs_input_grad[3:5])
-        grad_x = grad_w = grad_bias = None
-        if need_x:
-            grad_x = g @ weight
-            if factor is None:
-                grad_x.addmm_(gh, a)
-            else:
-                grad_x.addcmul_(gh @ a, factor)
-            grad_x = grad_x.view(x.shape)
-        if need_w:
-            grad_w = g.T @ flat
-        if need_bias and ctx.has_bias:
-            grad_bias = g.sum(0)
-        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None
 
 
 def _add_rows(result: torch.Tensor, x: torch.Tensor, rows: RowGroups, layer: Linear | Embedding) -> torch.Tensor:
