@@ -15,7 +15,7 @@ from torch import nn
 
 # Decoder-only models whose head is exactly ``lm_head(model(...).last_hidden_state)`` (no logit scaling/capping).
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-CHUNK_BYTES = 32 * 2**20  # float32 logits per chunk; each chunk reads the whole head weight again
+CHUNK_BYTES = 16 * 2**20  # float32 logits per chunk (the peak of the step); each chunk reads the whole head weight
 IGNORE_INDEX = -100
 
 
@@ -43,10 +43,12 @@ class LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], rows):
             h, t = hidden[start : start + rows], targets[start : start + rows]
             logits = (h @ weight.T).float()  # (n, V)
-            lse = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, t[:, None]).squeeze(1)
-            total += (lse - picked).sum()
-            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+            picked = logits.gather(1, t[:, None])
+            peak = logits.amax(dim=-1, keepdim=True)
+            probs = logits.sub_(peak).exp_()  # softmax in place: one exp pass, no second (n, V) buffer
+            sums = probs.sum(dim=-1, keepdim=True)
+            total += (sums.log().add_(peak) - picked).sum()  # logsumexp - picked logit
+            probs.div_(sums)
             probs[torch.arange(len(t), device=t.device), t] -= 1
             grad[start : start + rows] = (probs.to(weight.dtype) @ weight).to(grad.dtype)
         ctx.save_for_backward(grad, divisor)
