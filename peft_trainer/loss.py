@@ -45,12 +45,12 @@ class LinearCrossEntropy(torch.autograd.Function):
             logits = (h @ weight.T).float()  # (n, V)
             picked = logits.gather(1, t[:, None])
             peak = logits.amax(dim=-1, keepdim=True)
-            probs = logits.sub_(peak).exp_()  # softmax in place: one exp pass, no second (n, V) buffer
-            sums = probs.sum(dim=-1, keepdim=True)
+            e = logits.sub_(peak).exp_()  # in place: one exp pass, no second (n, V) buffer
+            sums = e.sum(dim=-1, keepdim=True)
             total += (sums.log().add_(peak) - picked).sum()  # logsumexp - picked logit
-            probs.div_(sums)
-            probs[torch.arange(len(t), device=t.device), t] -= 1
-            grad[start : start + rows] = (probs.to(weight.dtype) @ weight).to(grad.dtype)
+            # softmax @ W - W[target], normalised on the (n, d) product instead of the (n, V) probabilities
+            grad_rows = (e.to(weight.dtype) @ weight).float().div_(sums).sub_(weight[t].float())
+            grad[start : start + rows] = grad_rows.to(grad.dtype)
         ctx.save_for_backward(grad, divisor)
         return total / divisor
 
