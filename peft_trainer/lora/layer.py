@@ -179,15 +179,24 @@ class Linear(LoraLayer):
         dropout = self.lora_dropout[name]
         return dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
 
+    def _plain_base(self) -> nn.Linear | None:
+        """The base layer when it is a plain ``nn.Linear`` without hooks or a patched forward (else None)."""
+        base = self._modules["base_layer"]
+        plain = type(base) is nn.Linear and not (base._forward_hooks or base._forward_pre_hooks)
+        return base if plain and "forward" not in base.__dict__ else None
+
     def _fusable(self, x: torch.Tensor, names: list[str]) -> bool:
-        """One adapter on a plain hook-free ``nn.Linear`` of the adapter's dtype: base and LoRA in one function."""
-        base = self.base_layer
+        """One adapter on a plain ``nn.Linear`` of the adapter's dtype: base and LoRA in one function."""
+        base = self._plain_base()
         return (
-            len(names) == 1
-            and type(base) is nn.Linear
-            and not (base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__)
-            and x.dtype == base.weight.dtype == self.lora_A[names[0]].weight.dtype
+            len(names) == 1 and base is not None and x.dtype == base.weight.dtype == self.lora_A[names[0]].weight.dtype
         )
+
+    def _base_forward(self, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        base = None if args or kwargs else self._plain_base()
+        if base is None:
+            return self.base_layer(x, *args, **kwargs)
+        return F.linear(x, base._parameters["weight"], base._parameters["bias"])  # a module call costs µs per token
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         selection = self.state.current()
@@ -201,7 +210,7 @@ class Linear(LoraLayer):
             for name in names:
                 result = self._train_add(name, result, x)
             return result
-        result = self.base_layer(x, *args, **kwargs)
+        result = self._base_forward(x, args, kwargs)
         if not selection:
             return result
         if isinstance(selection, RowGroups):
