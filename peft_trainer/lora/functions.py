@@ -4,6 +4,7 @@ for the backward pass."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -43,7 +44,7 @@ def _down(flat: torch.Tensor, a: torch.Tensor, scaling: float, p: float):
 
 def _flat_input(ctx, parts: list[torch.Tensor], needed: bool) -> torch.Tensor | None:
     """The saved input as ``(N, in)`` (None when no gradient needs it)."""
-    return restore_input(tuple(parts), ctx.layout).reshape(-1, ctx.x_shape[-1]) if needed else None
+    return restore_input(parts, ctx.layout).reshape(-1, ctx.x_shape[-1]) if needed else None
 
 
 def _factor_grads(g: torch.Tensor, flat: torch.Tensor, a, b, h, keep, s: float, needs: tuple[bool, bool]):
@@ -90,7 +91,7 @@ def keep_input(x: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], tuple[int, ..
     return tuple(parts), tuple(layout)
 
 
-def restore_input(parts: tuple[torch.Tensor, ...], layout: tuple[int, ...] | None) -> torch.Tensor:
+def restore_input(parts: Sequence[torch.Tensor], layout: tuple[int, ...] | None) -> torch.Tensor:
     """``x`` from :func:`keep_input`'s tensors: the same products in the same order, so the same bits."""
     if layout is None:
         return parts[0]

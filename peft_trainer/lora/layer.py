@@ -206,7 +206,7 @@ class Linear(LoraLayer):
                 name, base = names[0], self.base_layer
                 a, b = self.lora_A[name].weight, self.lora_B[name].weight
                 return LoraLinear.apply(x, base.weight, base.bias, a, b, self.scaling[name], self._p(name))
-            result = self.base_layer(x, *args, **kwargs)
+            result = self._base_forward(x, args, kwargs)
             for name in names:
                 result = self._train_add(name, result, x)
             return result
