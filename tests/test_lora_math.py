@@ -76,6 +76,55 @@ def test_eval_mode_has_no_dropout_and_matches_training_formula_without_it():
     torch.testing.assert_close(first, expected)
 
 
+def test_no_grad_outputs_follow_every_change_to_the_adapter():
+    """Every kind of change to the adapter reaches the no-grad output (which must hold no stale copies: fused AdamW,
+    the Trainer's default, does not even bump the parameters' version counters)."""
+    base = nn.Sequential(nn.Linear(16, 24))
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))
+    layer, seen = model.base_model[0], []
+    x = torch.randn(3, 5, 16)
+
+    def check():
+        with torch.no_grad():
+            expected = layer.base_layer(x) + layer.lora_delta("default", x)
+            assert not any(torch.allclose(expected, e, atol=1e-2) for e in seen)  # each change moved the output
+            seen.append(expected)
+            for rows in (x, x[:1], x[0]):  # the general path, one sequence (decoding), 2-D input
+                torch.testing.assert_close(model(rows), expected[: len(rows)] if rows.dim() == 3 else expected[0],
+                                           atol=1e-4, rtol=1e-4)  # fmt: skip
+            with torch.inference_mode():
+                torch.testing.assert_close(model(x), expected, atol=1e-4, rtol=1e-4)
+
+    check()
+    with torch.no_grad():
+        layer.lora_B["default"].weight.mul_(3)  # in place
+    check()
+    with torch.no_grad():
+        layer.lora_A["default"].weight.add_(1)
+    check()
+    model(x).sum().backward()
+    torch.optim.AdamW(model.parameters(), lr=0.5, fused=True).step()
+    check()
+    layer.lora_A["default"].weight = nn.Parameter(torch.randn(2, 16))  # another tensor
+    check()
+    layer.scaling["default"] = 0.25
+    check()
+    model.load_state_dict(
+        {k: torch.randn_like(v) for k, v in model.state_dict().items() if "lora_" in k}, strict=False
+    )
+    check()
+
+
+def test_no_grad_output_on_a_bfloat16_base_matches_the_formula():
+    model = get_peft_model(nn.Sequential(nn.Linear(16, 24).to(torch.bfloat16)),
+                           LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))  # fmt: skip
+    layer, x = model.base_model[0], torch.randn(1, 5, 16, dtype=torch.bfloat16)
+    assert layer.lora_A["default"].weight.dtype == torch.float32  # adapters of 16-bit bases train in float32
+    with torch.no_grad():
+        expected = (layer.base_layer(x).float() + layer.lora_delta("default", x)).to(torch.bfloat16)
+        torch.testing.assert_close(model(x), expected, atol=0.05, rtol=0.02)
+
+
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_fused_linear_path_gives_base_weight_and_bias_gradients_when_they_train(p):
     model = get_peft_model(nn.Sequential(nn.Linear(24, 40)), LoraConfig(r=4, lora_dropout=p, target_modules=["0"],

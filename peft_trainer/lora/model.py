@@ -546,8 +546,8 @@ def check_file_fits(model: nn.Module, config: LoraConfig, tensors: dict[str, tor
 def _factors(layer: LoraLayer, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(A (r, in), B (out, r)) of one adapter: the LoRA factors in the orientation ΔW ∝ B @ A."""
     if isinstance(layer, Embedding):
-        return layer.lora_embedding_A[name].data, layer.lora_embedding_B[name].data
-    return layer.lora_A[name].weight.data, layer.lora_B[name].weight.data
+        return layer.lora_embedding_A[name], layer.lora_embedding_B[name]
+    return layer.lora_A[name].weight, layer.lora_B[name].weight
 
 
 _CLASSES: dict[tuple[type, type], type] = {}
