@@ -1,6 +1,6 @@
-"""Adapter operations on SmolLM2-135M, ours vs peft in one run: switch, load, weighted merge, greedy decoding.
+"""Adapter operations on SmolLM2-135M, ours vs peft in one run: switch, load, weighted merge.
 
-python bench/bench_adapters.py [--tokens 32] [--rounds 5]
+python bench/bench_adapters.py     (decoding with adapters: bench/bench_space.py)
 """
 
 from __future__ import annotations
@@ -44,10 +44,7 @@ def make_adapters(folder: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=5)
-    args = parser.parse_args()
+    argparse.ArgumentParser(description=__doc__).parse_args()
     torch.set_num_threads(2)
     import peft
 
@@ -82,42 +79,9 @@ def main() -> None:
                                                        combination_type="svd"), 1)  # fmt: skip
     rows += [("add_weighted_adapter svd, ours (s)", t_ours), ("add_weighted_adapter svd, peft (s)", t_peft)]
 
-    ours.eval(), theirs.eval()
-    ours.set_adapter("a"), theirs.set_adapter("a")
-    prompt = torch.randint(0, 49152, (1, 16))
-    kw = dict(do_sample=False, pad_token_id=0)
-
-    def per_token(model, **extra) -> float:
-        with torch.no_grad():
-            t0 = time.perf_counter()
-            model.generate(prompt, max_new_tokens=args.tokens, min_new_tokens=args.tokens, **kw, **extra)
-            total = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            model.generate(prompt, max_new_tokens=1, **kw, **extra)
-            first = time.perf_counter() - t0
-        return (total - first) / (args.tokens - 1)
-
-    samples: dict[str, list[float]] = {k: [] for k in ("base", "ours unmerged", "ours merged", "peft unmerged")}
-    for _ in range(args.rounds):
-        with ours.use_adapter(None):
-            samples["base"].append(per_token(ours))
-        samples["ours unmerged"].append(per_token(ours))
-        ours.merge_adapter(["a"])
-        samples["ours merged"].append(per_token(ours))
-        ours.unmerge_adapter()
-        samples["peft unmerged"].append(per_token(theirs))
-    base = statistics.median(samples["base"])
-    for name, values in samples.items():
-        rows.append(
-            (
-                f"decode per token, {name} (ms; x base)",
-                f"{statistics.median(values) * 1e3:.2f} ({statistics.median(values) / base:.2f}x)",
-            )
-        )
-
     print("| figure | value |\n|---|---|")
     for name, value in rows:
-        print(f"| {name} | {value if isinstance(value, str) else f'{value:.4g}'} |")
+        print(f"| {name} | {value:.4g} |")
     print(f"| load ratio ours/peft | {ratio_load:.2f} |\n| svd merge speedup peft/ours | {t_peft / t_ours:.0f}x |")
 
 

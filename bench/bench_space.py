@@ -1,11 +1,14 @@
-"""The Space's speed on SmolLM2-135M: adapter switch time, time to first token and per-token time (base/adapter/merged).
+"""The Space's speed on SmolLM2-135M: adapter switch time, time to first token and per-token time (base/adapter/merged),
+and a token-interleaved per-token comparison with peft.
 
-python bench/bench_space.py [--tokens 32] [--rounds 15] [--threads 1] [--profile]   -> bench/results/space.json
+python bench/bench_space.py [--tokens 32] [--rounds 15] [--steps 200] [--threads 1] [--profile]
+    -> bench/results/space.json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import statistics
@@ -15,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import DynamicCache
 from transformers.generation.streamers import BaseStreamer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -90,6 +94,42 @@ def decode(model, inputs: dict, tokens: int, adapter: str | None) -> dict[str, f
     return {"ttft_ms": ttft * 1e3, "per_token_ms": per_token * 1e3}
 
 
+def interleaved_steps(cases: dict, prompt: torch.Tensor, steps: int) -> dict[str, dict[str, float]]:
+    """One decoding step (a forward of one token on a KV cache) per case in turn, rotating the order, ``steps`` times.
+
+    Every case gets the same prompt and then the same tokens (the plain model's greedy continuation), so each step
+    does the same work everywhere. Neighbouring steps see the same background load, which on these shared machines
+    moves per-token times by 20-50% within seconds: medians of per-step ratios are far steadier than ratios of whole
+    generations. ``cases``: name -> (model, context manager factory); the first is the reference.
+    """
+    names = list(cases)
+    reference, _ = cases[names[0]]
+    with torch.inference_mode():
+        tokens = reference.generate(prompt, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
+        tokens = tokens[0, prompt.shape[1] :]
+        caches, times = {}, {name: [] for name in names}
+        for name, (model, context) in cases.items():
+            caches[name] = DynamicCache(config=reference.config)
+            with context():
+                model(input_ids=prompt, cache=caches[name], use_cache=True)
+        for i in range(steps):
+            for name in names[i % len(names) :] + names[: i % len(names)]:
+                model, context = cases[name]
+                with context():
+                    t0 = time.perf_counter()
+                    model(input_ids=tokens[i : i + 1].view(1, 1), cache=caches[name], use_cache=True)
+                    times[name].append(time.perf_counter() - t0)
+    for name, cache in caches.items():  # every case really decoded on its own growing cache
+        assert cache.get_seq_length() == prompt.shape[1] + steps, (name, cache.get_seq_length())
+    return {
+        name: {
+            "per_token_ms": statistics.median(times[name]) * 1e3,
+            "vs_first": statistics.median(t / r for t, r in zip(times[name], times[names[0]])),
+        }
+        for name in names
+    }
+
+
 def profile(model, inputs: dict, adapter: str | None, label: str) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -104,6 +144,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--steps", type=int, default=200, help="token-interleaved decoding steps")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)  # 2 threads swing 2-4x when a neighbour runs
     parser.add_argument("--profile", action="store_true")
@@ -141,6 +182,22 @@ def main() -> None:
         t0 = time.perf_counter()
         engine.generate(adapter, PROMPT, sampling)
         runs["engine stream (Space path)"].append({"total_ms": (time.perf_counter() - t0) * 1e3})
+    import peft
+
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(plain), str(paths[0])).eval()
+    plain_ctx, base = contextlib.nullcontext, engine.peft
+    steps = interleaved_steps(
+        {
+            "plain base model": (plain, plain_ctx),
+            "ours: base (none active)": (base, lambda: base.use_adapter("__base__")),
+            "ours: adapter (unmerged)": (base, lambda: base.use_adapter(adapter)),
+            "ours: merged": (merged, plain_ctx),
+            "peft: adapter (unmerged)": (theirs, plain_ctx),
+            "peft: disable_adapter()": (theirs, theirs.disable_adapter),
+        },
+        inputs["input_ids"],
+        args.steps,
+    )
     result = {
         "model": "SmolLM2-135M-Instruct (float32, CPU)",
         "threads": args.threads,
@@ -150,6 +207,7 @@ def main() -> None:
         "switch": switch,
         "decode": {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()},
         "per_token_ms_each_round": {name: [round(r["per_token_ms"], 2) for r in runs[name]] for name in cases},
+        "interleaved_steps": {"steps": args.steps, "vs_first": "plain base model", "cases": steps},
     }
     for name in cases:  # medians of per-round ratios: both sides of each ratio ran back to back
         for key, reference in (("per_token_vs_base", "base"), ("per_token_vs_plain", "base without LoRA wrappers")):
