@@ -89,7 +89,7 @@ def test_no_grad_outputs_follow_every_change_to_the_adapter():
             expected = layer.base_layer(x) + layer.lora_delta("default", x)
             assert not any(torch.allclose(expected, e, atol=1e-2) for e in seen)  # each change moved the output
             seen.append(expected)
-            for rows in (x, x[:1], x[0]):  # the general path, one sequence (decoding), 2-D input
+            for rows in (x, x[:1], x[0]):  # several sequences, one (as in decoding), a 2-D input
                 torch.testing.assert_close(model(rows), expected[: len(rows)] if rows.dim() == 3 else expected[0],
                                            atol=1e-4, rtol=1e-4)  # fmt: skip
             with torch.inference_mode():
