@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from contextvars import ContextVar
@@ -46,6 +47,17 @@ class AdapterState:
         """The adapters the layers must add on top of the (possibly merged) base weights for this call."""
         override = self._override.get()
         return self._run if override is None else override
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """Autocast's compute dtype for ``x``'s device when autocast is on there (e.g. the Trainer's ``bf16=True``)."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+
+
+def _no_autocast(x: torch.Tensor, amp: torch.dtype | None):
+    """Autocast off inside the LoRA functions (their inputs are already cast), a no-op when it was off."""
+    return torch.autocast(x.device.type, enabled=False) if amp is not None else contextlib.nullcontext()
 
 
 class LoraLayer(nn.Module):
@@ -167,13 +179,16 @@ class Linear(LoraLayer):
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
         return F.linear(F.linear(self.lora_dropout[name](x.to(a.dtype)), a), b) * self.scaling[name]
 
-    def _train_add(self, name: str, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``result + s · B(A(dropout(x)))`` through :class:`LoraBranch` (the training path)."""
+    def _train_add(self, name: str, result: torch.Tensor, x: torch.Tensor, amp: torch.dtype | None) -> torch.Tensor:
+        """``result + s · B(A(dropout(x)))`` through :class:`LoraBranch` (the training path), in the adapter's
+        dtype, or in ``amp`` (autocast's dtype) when autocast is on."""
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        dtype = amp or a.dtype
         # .to() is a no-op when the dtypes already agree (float bases); 4-/8-bit bases compute in 16 bits
-        return LoraBranch.apply(result.to(a.dtype), x.to(a.dtype), a, b, self.scaling[name], self._p(name)).to(
-            result.dtype
-        )
+        with _no_autocast(x, amp):
+            out = LoraBranch.apply(result.to(dtype), x.to(dtype), a.to(dtype), b.to(dtype), self.scaling[name],
+                                   self._p(name))  # fmt: skip
+        return out.to(result.dtype)
 
     def _p(self, name: str) -> float:
         dropout = self.lora_dropout[name]
@@ -185,12 +200,12 @@ class Linear(LoraLayer):
         plain = type(base) is nn.Linear and not (base._forward_hooks or base._forward_pre_hooks)
         return base if plain and "forward" not in base.__dict__ else None
 
-    def _fusable(self, x: torch.Tensor, names: list[str]) -> bool:
-        """One adapter on a plain ``nn.Linear`` of the adapter's dtype: base and LoRA in one function."""
+    def _fusable(self, x: torch.Tensor, names: list[str], amp: torch.dtype | None) -> bool:
+        """One adapter on a plain ``nn.Linear`` of the adapter's dtype (any, under autocast): one function."""
         base = self._plain_base()
-        return (
-            len(names) == 1 and base is not None and x.dtype == base.weight.dtype == self.lora_A[names[0]].weight.dtype
-        )
+        if len(names) != 1 or base is None:
+            return False
+        return amp is not None or x.dtype == base.weight.dtype == self.lora_A[names[0]].weight.dtype
 
     def _base_forward(self, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
         base = None if args or kwargs else self._plain_base()
@@ -220,13 +235,17 @@ class Linear(LoraLayer):
 
     def _train_forward(self, x: torch.Tensor, selection: tuple[str, ...], args: tuple, kwargs: dict) -> torch.Tensor:
         names = [n for n in selection if n in self.r]
-        if not args and not kwargs and self._fusable(x, names):
+        amp = _autocast_dtype(x)
+        if not args and not kwargs and self._fusable(x, names, amp):
             name, base = names[0], self.base_layer
-            a, b = self.lora_A[name].weight, self.lora_B[name].weight
-            return LoraLinear.apply(x, base.weight, base.bias, a, b, self.scaling[name], self._p(name))
+            tensors = (x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight)
+            if amp is not None:  # what autocast does for F.linear; the casts pass gradients back in each dtype
+                tensors = tuple(t if t is None else t.to(amp) for t in tensors)
+            with _no_autocast(x, amp):
+                return LoraLinear.apply(*tensors, self.scaling[name], self._p(name))
         result = self._base_forward(x, args, kwargs)
         for name in names:
-            result = self._train_add(name, result, x)
+            result = self._train_add(name, result, x, amp)
         return result
 
 
