@@ -1,9 +1,10 @@
 """LoRA training step (forward + backward + AdamW): ours vs peft vs the frozen-base limit vs full fine-tuning.
 
-    python bench/bench_step.py [--quick]
+    python bench/bench_step.py [--quick] [--model smollm2|tiny|llama1b] [--device cpu|cuda] [--bf16]
 
-Each (model, shape, dropout, variant) runs in its own process; medians of the timed steps and the peak RSS of
-the training phase are printed as a table with ratios.
+Each (model, shape, dropout, variant) runs in its own process; medians of the timed steps and the peak memory of
+the training phase (RSS; on CUDA, allocated GPU memory) are printed as a table with ratios. ``--bf16`` runs the
+forward under bfloat16 autocast, as the Trainer's ``bf16=True`` does.
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import interleave, serve, smollm2, tiny_llama  # noqa: E402
+from bench.common import base_model, interleave, serve  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def build(case: dict):
-    model = smollm2() if case["model"] == "smollm2" else tiny_llama()
+    model = base_model(case["model"], case["device"])
     model.config.use_cache = False
     variant = case["variant"]
     kwargs = dict(r=16, lora_alpha=32, lora_dropout=case["dropout"], target_modules=TARGETS)
@@ -53,16 +54,19 @@ def worker(case: dict) -> None:
         params = [p for p in model.parameters() if p.requires_grad]
         # fused AdamW: the Trainer's default optimizer ("adamw_torch_fused"), for every variant alike
         state.update(model=model, opt=torch.optim.AdamW(params, lr=1e-4, fused=True) if params else None)
-        state["batch"] = torch.randint(0, model.config.vocab_size, (case["batch"], case["seq"]))
+        shape = (case["batch"], case["seq"])
+        state["batch"] = torch.randint(0, model.config.vocab_size, shape, device=case["device"])
 
     def step() -> None:
         model, opt, batch = state["model"], state["opt"], state["batch"]
-        model(input_ids=batch, labels=batch).loss.backward()
+        with torch.autocast(torch.device(case["device"]).type, dtype=torch.bfloat16, enabled=case["bf16"]):
+            loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
         if opt is not None:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-    serve(setup, step)
+    serve(setup, step, case["device"])
 
 
 def main() -> None:
@@ -71,29 +75,31 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny model only")
     parser.add_argument("--variants", default="ours,peft,frozen,full")
     parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--shapes", help='e.g. "4x128:0.05,1x512:0" (SmolLM2; default: all four)')
+    parser.add_argument("--shapes", default="4x128:0.05,4x128:0,1x512:0.05,1x512:0", help="batch x seq : dropout")
+    parser.add_argument("--model", default="smollm2", choices=["smollm2", "tiny", "llama1b"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast, as the Trainer's bf16=True")
     args = parser.parse_args()
     if args.worker:
         worker(json.loads(args.worker))
         return
-    shapes = [("tiny", 4, 128, 0.05)] if args.quick else [
-        ("smollm2", 4, 128, 0.05), ("smollm2", 4, 128, 0.0), ("smollm2", 1, 512, 0.05), ("smollm2", 1, 512, 0.0),
-    ]  # fmt: skip
-    if args.shapes:
-        shapes = []
-        for item in args.shapes.split(","):
-            size, dropout = item.split(":")
-            batch, seq = size.split("x")
-            shapes.append(("smollm2", int(batch), int(seq), float(dropout)))
+    model = "tiny" if args.quick else args.model
+    shapes = []
+    for item in ("4x128:0.05" if args.quick else args.shapes).split(","):
+        size, dropout = item.split(":")
+        batch, seq = size.split("x")
+        shapes.append((int(batch), int(seq), float(dropout)))
     variants = args.variants.split(",")
+    memory = "GPU MiB" if args.device.startswith("cuda") else "RSS MiB"
     head = ["model", "batch x seq", "dropout"] + [f"{v} step s" for v in variants] + ["ours/peft", "ours/frozen"]
-    head += [f"{v} RSS MiB" for v in variants] + ["ours/peft RSS", "ours/frozen RSS"]
+    head += [f"{v} {memory}" for v in variants] + ["ours/peft memory", "ours/frozen memory"]
+    print(f"{model} on {args.device}{', bf16 autocast' if args.bf16 else ''}")
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head), flush=True)
-    for model, b, s, p in shapes:
-        cases = {v: dict(model=model, batch=b, seq=s, dropout=p, variant=v) for v in variants}
-        res = interleave(__file__, cases, warmup=2, steps=args.steps)
+    for b, s, p in shapes:
+        case = dict(model=model, batch=b, seq=s, dropout=p, device=args.device, bf16=args.bf16)
+        res = interleave(__file__, {v: dict(case, variant=v) for v in variants}, warmup=2, steps=args.steps)
         step = {v: res[v]["median_s"] for v in variants}
-        mem = {v: res[v]["peak_rss_mib"] for v in variants}
+        mem = {v: res[v].get("peak_gpu_mib", res[v]["peak_rss_mib"]) for v in variants}
 
         def ratio(d: dict, a: str, b: str) -> str:
             return f"{d[a] / d[b]:.2f}" if a in d and b in d else "-"

@@ -39,6 +39,22 @@ def tiny_llama():
     return LlamaForCausalLM(cfg)
 
 
+# Llama-3.2-1B's shape: 1.24 B parameters (embeddings tied), for the GPU comparison
+LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True)  # fmt: skip
+
+
+def base_model(name: str, device: str = "cpu"):
+    """``smollm2``, ``tiny`` (float32) or ``llama1b`` (random weights, bfloat16), on ``device``."""
+    if name == "llama1b":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        with torch.device(device):
+            return LlamaForCausalLM(LlamaConfig(**LLAMA_1B)).to(torch.bfloat16)
+    return (smollm2() if name == "smollm2" else tiny_llama()).to(device)
+
+
 class PeakRSS:
     """Samples this process's RSS every 5 ms between start() and stop(); ``peak`` is in MiB."""
 
@@ -95,22 +111,30 @@ class Worker:
         return result
 
 
-def serve(setup, step) -> None:
-    """Worker side: ``setup()`` once, then answer "step" (time one call of ``step``) and "finish" (peak RSS)."""
-    rss = PeakRSS()
+def serve(setup, step, device: str = "cpu") -> None:
+    """Worker side: ``setup()`` once, then answer "step" (time one call of ``step``) and "finish" (peak RSS, and on
+    CUDA the peak of allocated GPU memory while stepping)."""
+    rss, cuda = PeakRSS(), device.startswith("cuda")
     for line in sys.stdin:
         command = line.strip()
         if command == "ready":
             setup()
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
             rss.__enter__()
             out = {}
         elif command == "step":
             t0 = time.perf_counter()
             step()
+            if cuda:
+                torch.cuda.synchronize()
             out = {"seconds": time.perf_counter() - t0}
         else:
             rss.__exit__(None, None, None)
             out = {"peak_rss_mib": rss.peak}
+            if cuda:
+                out["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
         print(json.dumps(out), flush=True)
         if command == "finish":
             return

@@ -15,7 +15,10 @@ from torch import nn
 
 # Decoder-only models whose head is exactly ``lm_head(model(...).last_hidden_state)`` (no logit scaling/capping).
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-CHUNK_BYTES = 16 * 2**20  # float32 logits per chunk (the peak of the step); each chunk reads the whole head weight
+CHUNK_BYTES = 16 * 2**20  # float32 logits per chunk on CPU (the peak of the step); each chunk reads the head weight
+# On accelerators a chunk of 16 MiB would be a few dozen rows of a 128k vocabulary, each chunk rereading the whole
+# head weight: GPU chunks are large, still far below the logits and their gradient that the model's own loss holds.
+ACCELERATOR_CHUNK_BYTES = 512 * 2**20
 IGNORE_INDEX = -100
 
 
@@ -37,7 +40,8 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, divisor):  # (N, d), (V, d), (N,), scalar tensor
-        rows = max(16, CHUNK_BYTES // (4 * weight.shape[0]))
+        budget = CHUNK_BYTES if hidden.device.type == "cpu" else ACCELERATOR_CHUNK_BYTES
+        rows = max(16, budget // (4 * weight.shape[0]))
         grad = torch.empty_like(hidden)
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, hidden.shape[0], rows):
