@@ -219,3 +219,22 @@ def test_autocast_runs_the_lora_math_in_its_dtype_with_float32_adapter_gradients
     for got, want in ((ours, ref), (x.grad, x_ref.grad), (got_a, a.grad), (got_b, b.grad)):
         err = (got.float() - want.float()).abs().max() / want.float().abs().max()
         assert err < 1.5e-2  # bfloat16 rounding: up to 7e-3 here
+
+
+def test_train_mode_without_grad_applies_dropout_as_with_grad():
+    """``torch.no_grad()`` in train mode drops out as ``nn.Dropout`` (and peft) do; eval mode does not."""
+    model = get_peft_model(nn.Sequential(nn.Linear(16, 24)), LoraConfig(r=4, lora_dropout=0.5, target_modules=["0"],
+                                                                          init_lora_weights=False))  # fmt: skip
+    layer, x = model.base_model[0], torch.randn(2, 5, 16)
+    model.train()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        no_grad = layer(x)
+    torch.manual_seed(3)
+    with_grad = layer(x)
+    torch.testing.assert_close(no_grad, with_grad.detach(), atol=0, rtol=0)
+    model.eval()
+    with torch.no_grad():
+        evaluated = layer(x)
+    torch.testing.assert_close(evaluated, layer.base_layer(x) + layer.lora_delta("default", x))
+    assert (no_grad - evaluated).abs().max() > 0.1
