@@ -18,12 +18,13 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.generation.streamers import BaseStreamer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from peft_trainer import LoraConfig, get_peft_model  # noqa: E402
-from peft_trainer.lora.layer import AdapterState  # noqa: E402
+from peft_trainer.lora.layer import AdapterState, Linear  # noqa: E402
 from peft_trainer.models import load_model  # noqa: E402
 from space.engine import AdapterEngine, Sampling  # noqa: E402
 
@@ -130,6 +131,26 @@ def interleaved_steps(cases: dict, prompt: torch.Tensor, steps: int) -> dict[str
     }
 
 
+def bare_copy(model, adapter: str):
+    """A copy whose LoRA layers do only the arithmetic of an unmerged adapter (the base's F.linear and the adapter's
+    two, added in place) without any lookup or check: not a usable layer, the floor for one on this machine."""
+    bare = copy.deepcopy(model, memo={id(model.adapter_state): AdapterState()})
+    for layer in bare.modules():
+        if isinstance(layer, Linear):
+            w, bias, a, b = (
+                layer.base_layer.weight,
+                layer.base_layer.bias,
+                layer.lora_A[adapter].weight,
+                layer.lora_B[adapter].weight,
+            )
+
+            def forward(x, w=w, bias=bias, a=a, b=b, s=layer.scaling[adapter]):
+                return F.linear(x, w, bias).add_(F.linear(F.linear(x, a), b), alpha=s)
+
+            layer.forward = forward
+    return bare.eval()
+
+
 def profile(model, inputs: dict, adapter: str | None, label: str) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -192,6 +213,7 @@ def main() -> None:
             "ours: base (none active)": (base, lambda: base.use_adapter("__base__")),
             "ours: adapter (unmerged)": (base, lambda: base.use_adapter(adapter)),
             "ours: merged": (merged, plain_ctx),
+            "floor: unmerged adapter, bare arithmetic": (bare_copy(engine.peft, adapter), plain_ctx),
             "peft: adapter (unmerged)": (theirs, plain_ctx),
             "peft: disable_adapter()": (theirs, theirs.disable_adapter),
         },
