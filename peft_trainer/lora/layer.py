@@ -221,8 +221,8 @@ class Linear(LoraLayer):
             return _add_rows(self._base_forward(x, args, kwargs), x, selection, self)
         if torch.is_grad_enabled() or self.training:  # in train mode dropout applies, with or without grad
             return self._train_forward(x, selection, args, kwargs)
-        # Evaluation without grad: each adapter's delta goes in place into the fresh base output. At one token per call (decoding)
-        # every Python step here costs about as much as the small matmuls, hence no reshapes and no checks.
+        # Evaluation without grad: each adapter's delta goes in place into the fresh base output. At one token per
+        # call (decoding) every Python step here costs about as much as the small matmuls: no reshapes, no checks.
         out = self._base_forward(x, args, kwargs)
         modules = self._modules  # plain dict lookups: Module attribute access costs about 1 µs per call
         for name in selection:
