@@ -7,8 +7,10 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from . import io
+from . import distributed, io
 from .config import LoraConfig
+
+distributed.install()  # before any TrainingArguments sets up its devices (CPU-only DeepSpeed/FSDP fixes)
 
 _BIASES = ("none", "all", "lora_only")
 _QUANT_TYPES = ("nf4", "fp4")
@@ -62,6 +64,13 @@ class PeftTrainingArguments(TrainingArguments):
     bnb_4bit_use_double_quant: bool = field(
         default=True, metadata={"help": "Quantize the 4-bit quantization constants too (QLoRA double quant)."}
     )
+    bnb_4bit_quant_storage: str | None = field(
+        default=None,
+        metadata={
+            "help": "dtype the packed 4-bit weights are stored in (default uint8). FSDP shards 4-bit weights only "
+            "when this is a float dtype: use the compute dtype (bfloat16 on GPUs) with FSDP."
+        },
+    )
     chunked_loss: bool = field(
         default=True,
         metadata={
@@ -114,6 +123,8 @@ class PeftTrainingArguments(TrainingArguments):
             p.append(f"bnb_4bit_quant_type={self.bnb_4bit_quant_type!r}: use 'nf4' or 'fp4'")
         if self.bnb_4bit_compute_dtype is not None and self.bnb_4bit_compute_dtype not in _DTYPES:
             p.append(f"bnb_4bit_compute_dtype={self.bnb_4bit_compute_dtype!r}: use one of {', '.join(_DTYPES)}")
+        if self.bnb_4bit_quant_storage not in (None, "uint8", *_DTYPES):
+            p.append(f"bnb_4bit_quant_storage={self.bnb_4bit_quant_storage!r}: use uint8, {', '.join(_DTYPES)}")
         if self.lora_modules_to_save is not None and not all(isinstance(m, str) for m in self.lora_modules_to_save):
             p.append(f"lora_modules_to_save={self.lora_modules_to_save!r}: use a list of module names")
         return p

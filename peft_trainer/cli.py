@@ -31,9 +31,6 @@ logger = logging.getLogger("peft_trainer.cli")
 PROG = "peft-trainer"
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 DEFAULT_MODEL = "smollm2-135m-instruct"
-# CPU-testing aid: accelerate never enables FSDP for CPU processes (MULTI_CPU); with this variable set to 1 the CLI
-# relabels a CPU process group as FSDP so that FSDP code paths can be exercised with gloo. Never needed on GPUs.
-CPU_FSDP_ENV = "PEFT_TRAINER_CPU_FSDP"
 # Recipe fields holding data paths: a relative path is looked up next to the recipe file first.
 PATH_FIELDS = ("dataset", "eval_dataset", "behaviour_prompts")
 QUICKSTART_GLOB = "quickstart-*.yaml"
@@ -416,31 +413,6 @@ def run_training(recipe: Recipe) -> TrainSummary:
     return summary
 
 
-def enable_cpu_fsdp() -> None:
-    """CPU-testing aid (``PEFT_TRAINER_CPU_FSDP=1``): let FSDP run on CPU processes (gloo).
-
-    accelerate turns FSDP on only for accelerator process groups, so with ``ACCELERATE_USE_CPU=true`` an FSDP config
-    silently trains as plain multi-CPU data parallel. This wraps ``AcceleratorState.__init__`` to relabel a
-    MULTI_CPU state that was given an FSDP plugin as FSDP. Use with FSDP v2 configs and
-    ``fsdp_sync_module_states: false`` (syncing needs an accelerator).
-    """
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import DistributedType
-
-    original = AcceleratorState.__init__
-    if getattr(original, "_peft_trainer_cpu_fsdp", False):
-        return
-
-    def __init__(self: Any, *args: Any, fsdp_plugin: Any = None, **kwargs: Any) -> None:
-        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
-        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
-            self.distributed_type = DistributedType.FSDP
-            self.fsdp_plugin = fsdp_plugin
-
-    __init__._peft_trainer_cpu_fsdp = True  # type: ignore[attr-defined]
-    AcceleratorState.__init__ = __init__  # type: ignore[method-assign]
-
-
 def _split_recipe(args: Sequence[str]) -> tuple[str | None, list[str]]:
     if args and not args[0].startswith("-"):
         return args[0], list(args[1:])
@@ -816,8 +788,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: unknown command {command!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
               + f"; commands: {', '.join(COMMANDS)}", file=sys.stderr)  # fmt: skip
         return EXIT_USAGE
-    if os.environ.get(CPU_FSDP_ENV, "").strip() == "1":
-        enable_cpu_fsdp()
     try:
         return COMMANDS[command][0](rest)
     except UsageError as e:

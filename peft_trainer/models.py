@@ -122,7 +122,7 @@ def convert_gguf(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[s
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         config.dtype = torch.float32
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = type(quantized)(config)  # not from_config: under DeepSpeed ZeRO-3 that would partition the weights
         model.load_state_dict(quantized.state_dict(), strict=True)
         model.generation_config = quantized.generation_config
         del quantized
@@ -131,8 +131,7 @@ def convert_gguf(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[s
         max_positions = getattr(config, "max_position_embeddings", None)
         if max_positions and (tokenizer.model_max_length or 0) > max_positions:
             tokenizer.model_max_length = max_positions
-        model.save_pretrained(out_dir)
-        tokenizer.save_pretrained(out_dir)
+        _save_folder(model, tokenizer, out_dir)
         bar.update()
 
 
@@ -150,14 +149,26 @@ def _smollm2_tokenizer() -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
 
 
+def _save_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
+    """``save_pretrained`` from whichever process builds the cache entry (the one that took the lock).
+
+    In an initialized process group (``accelerate launch``) transformers writes weights only on rank 0, so without
+    this a cache built by rank 1 would hold a tokenizer and no model.
+    """
+    model.should_save_on_this_rank = lambda is_main_process: True
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    if not (out_dir / "config.json").is_file():
+        raise RuntimeError(f"saving {type(model).__name__} into {out_dir} wrote no config.json")
+
+
 def _save_random(model_cls: Any, config: Any, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
     import torch
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = model_cls(config)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    _save_folder(model, tokenizer, out_dir)
 
 
 def _token_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int | None]:

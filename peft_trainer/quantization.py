@@ -33,6 +33,7 @@ def bitsandbytes_config(args: Any) -> Any | None:
         bnb_4bit_quant_type=args.bnb_4bit_quant_type,
         bnb_4bit_compute_dtype=compute_dtype(args.bnb_4bit_compute_dtype),
         bnb_4bit_use_double_quant=args.bnb_4bit_use_double_quant,
+        bnb_4bit_quant_storage=getattr(torch, getattr(args, "bnb_4bit_quant_storage", None) or "uint8"),
     )
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -273,10 +275,14 @@ class PeftTrainer(Trainer):
         tensors = {
             name: io.load_weights(folder, subfolder=None if name == "default" else name) for name in model.peft_config
         }
-        if not self.is_fsdp_enabled:
+        if self.is_fsdp_enabled:
+            self._load_into_fsdp(folder, tensors)
+            return
+        with self._gathered(modify=True):  # ZeRO-3: whole tensors inside; rank 0's copy is partitioned on exit
             for name, loaded in tensors.items():
                 model.load_adapter_tensors(name, loaded, source=folder)
-            return
+
+    def _load_into_fsdp(self, folder: str, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         state = {}
@@ -291,6 +297,37 @@ class PeftTrainer(Trainer):
             state.update({fqn: loaded[key] for fqn, key in fqns.items()})
         set_model_state_dict(self.model_wrapped, state, options=StateDictOptions(full_state_dict=True, strict=False))
 
+    def _is_zero3(self) -> bool:
+        return self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+
+    @contextlib.contextmanager
+    def _gathered(self, modify: bool = False) -> Iterator[None]:
+        """Under DeepSpeed ZeRO-3, every adapter parameter whole inside the block (a collective: every rank enters);
+        with ``modify``, rank 0's values are what each rank keeps. Elsewhere a no-op."""
+        if not self._is_zero3():
+            yield
+            return
+        import deepspeed
+
+        model = self._peft_model()
+        params = [t for name in model.peft_config for t in model.adapter_tensors(name).values() if hasattr(t, "ds_id")]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None):
+            yield
+
+    def _prepare_for_training(self, max_steps: int, train_dataloader: Any, resume_from_checkpoint: str | None) -> Any:
+        """DeepSpeed resume: Trainer loads its engine checkpoint strictly, which fails on the adapter-only module
+        state written by :meth:`_save_optimizer_and_scheduler`; here it is loaded with only the adapters expected."""
+        if resume_from_checkpoint is None or not self.is_deepspeed_enabled:
+            return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        from transformers.integrations.deepspeed import deepspeed_load_checkpoint
+
+        self._load_from_checkpoint(resume_from_checkpoint)  # checks completeness; adapters from the PEFT files
+        model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, None)
+        deepspeed_load_checkpoint(self.model_wrapped, resume_from_checkpoint, load_module_strict=False)
+        self._load_optimizer_and_scheduler(resume_from_checkpoint)
+        self._load_scaler(resume_from_checkpoint)
+        return model, train_dataloader
+
     def _optimizer_param_names(self) -> list[list[str]]:
         """Parameter names per optimizer group, in the optimizer's order (its state is matched by position)."""
         names = {id(p): n for n, p in self.model.named_parameters()}
@@ -301,13 +338,18 @@ class PeftTrainer(Trainer):
         return [[clean(names.get(id(p), "<unnamed>")) for p in g["params"]] for g in self.optimizer.param_groups]
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        if self.is_fsdp_enabled:  # Trainer would also write the full base model here (save_fsdp_model)
-            from accelerate.utils import save_fsdp_optimizer
+        # Trainer would also write the full base model here (FSDP: save_fsdp_model; DeepSpeed: the engine's module
+        # state, unless it recognises peft's own PeftModel class).
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            from accelerate.utils import DeepSpeedSchedulerWrapper, save_fsdp_optimizer
 
-            save_fsdp_optimizer(
-                self.accelerator.state.fsdp_plugin, self.accelerator, self.optimizer, self.model, output_dir
-            )
-            if self.args.should_save:
+            if self.is_fsdp_enabled:
+                save_fsdp_optimizer(
+                    self.accelerator.state.fsdp_plugin, self.accelerator, self.optimizer, self.model, output_dir
+                )
+            else:  # optimizer partitions per rank (global_stepN/) and the trainable parameters only
+                self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
+            if self.args.should_save and not isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper):
                 torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, "scheduler.pt"))
         else:
             super()._save_optimizer_and_scheduler(output_dir)
@@ -380,13 +422,17 @@ class PeftTrainer(Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Write the adapter(s), tokenizer and token-free training_args.bin; a user call also writes README.md."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if self.is_fsdp_enabled:  # gather the trainable tensors only (collective), never the full base model
+        # FSDP and DeepSpeed ZeRO-3 gather the adapter tensors only (a collective), never the full base model.
+        if self.is_fsdp_enabled:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
             options = StateDictOptions(
                 full_state_dict=True, ignore_frozen_params=True, cpu_offload=self.args.device.type != "cpu"
             )
             self._save(output_dir, state_dict=get_model_state_dict(self.model_wrapped, options=options))
+        elif self.is_deepspeed_enabled:
+            with self._gathered():
+                self._save(output_dir)
         else:
             super().save_model(output_dir, _internal_call=True)
         if not _internal_call:

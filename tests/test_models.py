@@ -156,3 +156,48 @@ def test_smollm2_conversion_and_reload(tmp_path: Path, monkeypatch: pytest.Monke
         out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
     answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer, answer
+
+
+BUILD_ON_RANK_1 = """
+import sys
+import torch.distributed as dist
+from peft_trainer import models
+
+dist.init_process_group("gloo")
+if dist.get_rank() == 1:  # the rank that happens to take the build lock under `accelerate launch`
+    models.resolve_model("tiny-gpt2")
+dist.barrier()
+if dist.get_rank() == 0:
+    model, _ = models.load_model("tiny-gpt2")
+    print("loaded", model.config.model_type, flush=True)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_cache_built_by_rank_1_of_a_process_group_holds_the_model(tmp_path: Path) -> None:
+    """transformers' save_pretrained writes weights only on rank 0 of an initialized group; the cache must not care."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "build.py"
+    script.write_text(BUILD_ON_RANK_1)
+    env = {**os.environ, models.CACHE_ENV: str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port),
+        str(script),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "loaded gpt2" in done.stdout
+    assert (tmp_path / "cache" / "models" / "tiny-gpt2" / "model.safetensors").is_file()

@@ -336,7 +336,8 @@ class PeftModel(nn.Module):
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         trainable = total = 0
         for p in self.parameters():
-            n = p.numel() * (2 if type(p).__name__ == "Params4bit" else 1)
+            n = getattr(p, "ds_numel", 0) or p.numel()  # DeepSpeed ZeRO-3 holds a 0-element shard in p
+            n *= 2 if type(p).__name__ == "Params4bit" else 1
             total += n
             trainable += n if p.requires_grad else 0
         return trainable, total
