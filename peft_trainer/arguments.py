@@ -64,6 +64,14 @@ class PeftTrainingArguments(TrainingArguments):
     bnb_4bit_use_double_quant: bool = field(
         default=True, metadata={"help": "Quantize the 4-bit quantization constants too (QLoRA double quant)."}
     )
+    loraplus_lr_ratio: float | None = field(
+        default=None,
+        metadata={
+            "help": "LoRA+: lora_B learns this many times faster than lora_A (e.g. 16); embedding adapters learn at "
+            "loraplus_lr_embedding. Unset: one learning rate for all."
+        },
+    )
+    loraplus_lr_embedding: float = field(default=1e-6, metadata={"help": "LoRA+: learning rate of embedding adapters."})
     bnb_4bit_quant_storage: str | None = field(
         default=None,
         metadata={
@@ -123,6 +131,9 @@ class PeftTrainingArguments(TrainingArguments):
             p.append(f"bnb_4bit_quant_type={self.bnb_4bit_quant_type!r}: use 'nf4' or 'fp4'")
         if self.bnb_4bit_compute_dtype is not None and self.bnb_4bit_compute_dtype not in _DTYPES:
             p.append(f"bnb_4bit_compute_dtype={self.bnb_4bit_compute_dtype!r}: use one of {', '.join(_DTYPES)}")
+        ratio = self.loraplus_lr_ratio
+        if ratio is not None and (not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or ratio <= 0):
+            p.append(f"loraplus_lr_ratio={ratio!r}: use a positive number (LoRA+ suggests 16), or leave it unset")
         if self.bnb_4bit_quant_storage not in (None, "uint8", *_DTYPES):
             p.append(f"bnb_4bit_quant_storage={self.bnb_4bit_quant_storage!r}: use uint8, {', '.join(_DTYPES)}")
         if self.lora_modules_to_save is not None and not all(isinstance(m, str) for m in self.lora_modules_to_save):

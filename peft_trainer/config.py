@@ -61,8 +61,17 @@ def _is_regex(v: Any) -> bool:
     return True
 
 
+class PeftConfig:
+    """PEFT's base config class. ``PeftConfig.from_pretrained(path)`` reads any adapter_config.json this project can
+    load and returns its :class:`LoraConfig` (the one adapter kind implemented here)."""
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, subfolder: str | None = None, **hub_kwargs: Any) -> LoraConfig:
+        return LoraConfig.from_pretrained(path, subfolder=subfolder, **hub_kwargs)
+
+
 @dataclass
-class LoraConfig:
+class LoraConfig(PeftConfig):
     """LoRA hyperparameters; field names and meanings are PEFT's (``peft.LoraConfig``)."""
 
     r: int = 8
@@ -87,6 +96,8 @@ class LoraConfig:
     peft_type: str = "LORA"
 
     def __post_init__(self) -> None:
+        self.task_type = getattr(self.task_type, "value", self.task_type)  # TaskType.CAUSAL_LM -> "CAUSAL_LM"
+        self.peft_type = getattr(self.peft_type, "value", self.peft_type)
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.exclude_modules, (set, tuple)):
@@ -203,7 +214,9 @@ class LoraConfig:
             raise ValueError(f"{source}: {e}") from None
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, subfolder: str | None = None, **hub_kwargs: Any) -> LoraConfig:
+    def from_pretrained(  # type: ignore[override]
+        cls, path: str | os.PathLike, subfolder: str | None = None, **hub_kwargs: Any
+    ) -> LoraConfig:
         """Read adapter_config.json from a local folder or a Hub repo id."""
         from .io import resolve_adapter_file
 

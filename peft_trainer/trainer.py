@@ -190,6 +190,21 @@ class PeftTrainer(Trainer):
         enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
         return get_peft_model(model, lora_config, adapter_name=args.adapter_name if peft_args else "default")
 
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """Trainer's optimizer, or with ``loraplus_lr_ratio`` the same optimizer class over LoRA+'s groups."""
+        ratio = getattr(self.args, "loraplus_lr_ratio", None)
+        if ratio is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        from .optimizers import create_loraplus_optimizer
+
+        model = self.model if model is None else model
+        optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        self.optimizer = create_loraplus_optimizer(
+            model, optimizer_cls, loraplus_lr_ratio=ratio, loraplus_weight_decay=self.args.weight_decay,
+            loraplus_lr_embedding=self.args.loraplus_lr_embedding, **kwargs,
+        )  # fmt: skip
+        return self.optimizer
+
     def _peft_model(self) -> PeftModel:
         unwrapped = self.accelerator.unwrap_model(self.model)
         if not isinstance(unwrapped, PeftModel):
@@ -208,16 +223,35 @@ class PeftTrainer(Trainer):
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
         """Trainer.train; ``resume_from_checkpoint=True`` picks the newest *complete* checkpoint, and with
-        ``push_to_hub`` a final push always follows (a failed push is logged, the local files stay)."""
+        ``push_to_hub`` a final push always follows (a failed push is logged, the local files stay).
+
+        With ``bf16``/``fp16``, accelerate wraps the model's forward in autocast for training; afterwards the model
+        gets its own forward back, so it computes what its saved adapter computes wherever it is loaded (the Trainer
+        would leave it in 16-bit autocast). ``evaluate``/``predict`` keep autocast by themselves."""
         if resume_from_checkpoint is True:
             resume_from_checkpoint = self.last_complete_checkpoint(self.args.output_dir)
         output = super().train(resume_from_checkpoint, *args, **kwargs)
+        self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)  # drops the autocast forward in place
         if self.args.push_to_hub:
             try:
                 self.push_to_hub(commit_message="End of training")
             except Exception as e:  # the trained adapter is safe in output_dir; report and finish
                 self._push_failed("final push", e)
         return output
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        with self._autocast_after_training():
+            return super().evaluate(*args, **kwargs)
+
+    def predict(self, *args: Any, **kwargs: Any) -> Any:
+        with self._autocast_after_training():
+            return super().predict(*args, **kwargs)
+
+    def _autocast_after_training(self) -> contextlib.AbstractContextManager:
+        """The mixed-precision autocast that training's forward wrapper applied, once :meth:`train` removed it, so
+        an evaluation after training computes what the evaluations during training did."""
+        wrapped = "_original_forward" in self.model.__dict__ or not self.accelerator._models
+        return contextlib.nullcontext() if wrapped else self.accelerator.autocast()
 
     def _missing_files(self, folder: str) -> list[str]:
         """Files a checkpoint folder needs before it can be resumed from (empty: complete)."""

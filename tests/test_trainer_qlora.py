@@ -133,3 +133,25 @@ def test_8bit_base_trains(base_dir, tmp_path):
     trainer.train()
     after = trainer.model.adapter_tensors("default")
     assert all(not torch.equal(before[k], after[k]) for k in after)
+
+
+def test_bf16_trained_qlora_model_computes_what_its_saved_adapter_does(base_dir, tmp_path):
+    """accelerate runs training's forward under bf16 autocast; after train() the model computes in its own dtypes
+    again (peft + Trainer stay in autocast: 2.9e-3 apart from their own file here), and evaluate() keeps autocast."""
+    args = fast_args(
+        tmp_path, max_steps=4, load_in_4bit=True, bf16=True, lora_dropout=0.05, eval_strategy="steps", eval_steps=4
+    )
+    trainer = PeftTrainer(str(base_dir), args, train_dataset=token_dataset(12), eval_dataset=token_dataset(8, seed=1))
+    trainer.train()
+    trainer.save_model()
+    ids = torch.randint(1, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = trainer.model.eval()(input_ids=ids).logits
+        theirs = peft.PeftModel.from_pretrained(_load_4bit(base_dir), str(tmp_path)).eval()(input_ids=ids).logits
+        bf16 = _load_4bit(base_dir)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            in_autocast = peft.PeftModel.from_pretrained(bf16, str(tmp_path)).eval()(input_ids=ids).logits.float()
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    assert (in_autocast - theirs).abs().max() > 1e-4  # what the test tells apart: autocast changes these logits
+    during = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e]
+    assert trainer.evaluate()["eval_loss"] == during[-1]

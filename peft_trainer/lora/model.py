@@ -348,6 +348,21 @@ class PeftModel(nn.Module):
             f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
         )
 
+    @property
+    def targeted_module_names(self) -> list[str]:
+        """Names (in the base model) of the modules that hold LoRA layers, in module order."""
+        return [path for path, layer in self._layers() if isinstance(layer, LoraLayer)]
+
+    def get_layer_status(self) -> list[Any]:
+        from ..status import get_layer_status
+
+        return get_layer_status(self)
+
+    def get_model_status(self) -> Any:
+        from ..status import get_model_status
+
+        return get_model_status(self)
+
     # ---- save / load ----------------------------------------------------------------------------------------
 
     def adapter_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
@@ -572,6 +587,45 @@ def _class_for(cls: type, base_cls: type) -> type:
     return _CLASSES[key]
 
 
-def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default") -> PeftModel:
-    """Inject LoRA adapter ``adapter_name`` into ``model`` (in place) and return the wrapping PeftModel."""
-    return PeftModel(model, peft_config, adapter_name)
+def get_peft_model(
+    model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", mixed: bool = False,
+    autocast_adapter_dtype: bool = True, revision: str | None = None, low_cpu_mem_usage: bool = False,
+) -> PeftModel:  # fmt: skip
+    """Inject LoRA adapter ``adapter_name`` into ``model`` (in place) and return the wrapping PeftModel.
+
+    ``autocast_adapter_dtype`` (PEFT's default True): adapters of a float16/bfloat16 base are held in float32; False
+    keeps them in the base layer's dtype. ``low_cpu_mem_usage`` is accepted and changes nothing (adapters are small).
+    """
+    if mixed:
+        raise ValueError("mixed=True (PeftMixedModel, several adapter types at once) is not supported: LoRA only")
+    if revision is not None:
+        peft_config = dataclasses.replace(peft_config, revision=revision)
+    peft_model = PeftModel(model, peft_config, adapter_name)
+    if not autocast_adapter_dtype:
+        for _, layer in peft_model._layers():
+            base = getattr(layer, "base_layer", None)
+            dtype = getattr(getattr(base, "weight", None), "dtype", None)
+            if isinstance(layer, LoraLayer) and dtype in (torch.float16, torch.bfloat16):
+                for p in layer.adapter_parameters(adapter_name):
+                    p.data = p.data.to(dtype)
+    return peft_model
+
+
+def inject_adapter_in_model(
+    peft_config: LoraConfig, model: nn.Module, adapter_name: str = "default", low_cpu_mem_usage: bool = False,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> nn.Module:  # fmt: skip
+    """Add LoRA layers to ``model`` in place, without a PeftModel around it (PEFT's low-level API); the adapter is
+    active and trainable, the rest frozen. ``state_dict`` (on-disk keys) fills the adapter."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    holder = PeftModel.__new__(PeftModel)  # the adapter registry and state, not registered as a submodule
+    nn.Module.__init__(holder)
+    object.__setattr__(holder, "base_model", model)
+    holder.peft_config, holder.adapter_state, holder._adapter_params = {}, AdapterState(), {}
+    holder.add_adapter(adapter_name, peft_config)
+    holder.set_adapter(adapter_name)
+    object.__setattr__(model, "_peft_trainer_adapters", holder)
+    if state_dict is not None:  # PEFT's keys for an unwrapped model: no base_model.model. prefix
+        holder.load_adapter_tensors(adapter_name, {io.PREFIX + k: v for k, v in state_dict.items()}, "state_dict")
+    return model

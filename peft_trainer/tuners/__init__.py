@@ -1,0 +1,6 @@
+"""PEFT's ``peft.tuners`` path: this project implements the LoRA tuner (``peft_trainer.tuners.lora``)."""
+
+from ..config import LoraConfig
+from .lora import LoraModel
+
+__all__ = ["LoraConfig", "LoraModel"]
