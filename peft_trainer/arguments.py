@@ -71,7 +71,9 @@ class PeftTrainingArguments(TrainingArguments):
             "loraplus_lr_embedding. Unset: one learning rate for all."
         },
     )
-    loraplus_lr_embedding: float = field(default=1e-6, metadata={"help": "LoRA+: learning rate of embedding adapters."})
+    loraplus_lr_embedding: float = field(
+        default=1e-6, metadata={"help": "LoRA+: learning rate of embedding adapters."}
+    )
     bnb_4bit_quant_storage: str | None = field(
         default=None,
         metadata={

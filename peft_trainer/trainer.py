@@ -454,7 +454,8 @@ class PeftTrainer(Trainer):
             rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Write the adapter(s), tokenizer and token-free training_args.bin; a user call also writes README.md."""
+        """Write the adapter(s), tokenizer and token-free training_args.bin; a user call also writes README.md and
+        trainer_state.json (the loss history, which the Space's adapter card plots)."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         # FSDP and DeepSpeed ZeRO-3 gather the adapter tensors only (a collective), never the full base model.
         if self.is_fsdp_enabled:
@@ -470,6 +471,8 @@ class PeftTrainer(Trainer):
         else:
             super().save_model(output_dir, _internal_call=True)
         if not _internal_call:
+            if self.args.should_save:
+                self.state.save_to_json(os.path.join(output_dir, TRAINER_STATE_NAME))
             self.create_model_card(output_dir=output_dir)
             if self.args.push_to_hub:
                 self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)

@@ -11,6 +11,8 @@ from .files import ZipLimits
 
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
 QUICKSTART_ADAPTERS = "outputs/quickstart/*/adapter_config.json"
+# Opt-in: let visitors push with the Space's own HF_TOKEN (on a public Space: anyone). Off, they sign in or type one.
+PUSH_WITH_SPACE_TOKEN = "PUSH_WITH_SPACE_TOKEN"
 
 
 def quickstart_adapters(root: str | os.PathLike = ".") -> list[tuple[str | None, str]]:
@@ -51,10 +53,15 @@ def limits_from_env() -> Limits:
 
 
 def create_engine(base_model: str | None = None, adapters: str | list[str] | None = None) -> AdapterEngine:
-    """BASE_MODEL (default: the embedded SmolLM2-135M-Instruct), ADAPTERS and HF_TOKEN, unless given here."""
+    """BASE_MODEL (default: the embedded SmolLM2-135M-Instruct), ADAPTERS, HF_TOKEN (private downloads; pushes only
+    with PUSH_WITH_SPACE_TOKEN=1), unless given here."""
     base = base_model or os.environ.get("BASE_MODEL") or DEFAULT_BASE_MODEL
     specs = parse_adapters(adapters if adapters is not None else os.environ.get("ADAPTERS"))
-    return AdapterEngine.load(base, specs, limits_from_env(), token=os.environ.get("HF_TOKEN") or None)
+    push_with_space_token = os.environ.get(PUSH_WITH_SPACE_TOKEN, "").strip() == "1"
+    return AdapterEngine.load(
+        base, specs, limits_from_env(), token=os.environ.get("HF_TOKEN") or None,
+        push_with_space_token=push_with_space_token,
+    )  # fmt: skip
 
 
 def launch(

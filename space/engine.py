@@ -142,13 +142,14 @@ class AdapterEngine:
 
     def __init__(
         self, model: torch.nn.Module, tokenizer: Any, base_name: str, limits: Limits | None = None,
-        token: str | None = None,
+        token: str | None = None, push_with_space_token: bool = False,
     ) -> None:  # fmt: skip
         self.base = model.eval()
         self.tokenizer = tokenizer
         self.base_name = base_name
         self.limits = limits or Limits()
-        self.token = token
+        self.token = token  # the Space's own: private downloads; pushes only with push_with_space_token
+        self.push_with_space_token = push_with_space_token
         self.peft: PeftModel | None = None  # wraps ``base`` in place once the first adapter arrives
         self.adapters: dict[str, Adapter] = {}
         self.startup_errors: list[str] = []
@@ -163,14 +164,14 @@ class AdapterEngine:
     @classmethod
     def load(
         cls, base_model: str, adapters: list[tuple[str | None, str]], limits: Limits | None = None,
-        token: str | None = None,
+        token: str | None = None, push_with_space_token: bool = False,
     ) -> AdapterEngine:  # fmt: skip
         """Load the base once, then each ``(name or None, folder or repo id)``; failures are logged, not fatal."""
         from peft_trainer.models import load_model
 
         log.info("loading base model %s", base_model)
         model, tokenizer = load_model(base_model)
-        engine = cls(model, tokenizer, base_model, limits, token)
+        engine = cls(model, tokenizer, base_model, limits, token, push_with_space_token)
         for name, source in adapters:
             try:
                 engine.add(source, name, removable=False)
@@ -510,10 +511,16 @@ class AdapterEngine:
         return files.zip_folder(folder, out / f"{folder.name}.zip")
 
     def push(self, name: str, repo_id: str, token: str | None = None, private: bool = True) -> str:
-        """Upload the adapter folder to the Hub repo ``repo_id``; returns the repo URL."""
-        token = (token or "").strip() or self.token
+        """Upload the adapter folder to the Hub repo ``repo_id`` with the visitor's ``token``; returns the repo URL.
+
+        The Space's own token is used only when it was started with ``push_with_space_token`` (on a public Space
+        anyone could otherwise push with it)."""
+        token = (token or "").strip() or (self.token if self.push_with_space_token else None)
         if not token:
-            raise ValueError("Pushing needs a Hub token with write access: type one (or set HF_TOKEN)")
+            raise ValueError(
+                "Pushing needs your own Hub token with write access: sign in with Hugging Face or type a token "
+                "(this Space's HF_TOKEN pushes only when it runs with PUSH_WITH_SPACE_TOKEN=1)"
+            )
         repo_id = repo_id.strip()
         if not is_hub_id(repo_id):
             raise ValueError(f"{repo_id!r} is not a Hub repo id like 'your-name/my-adapter'")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -17,15 +18,36 @@ from .engine import BASE, AdapterEngine, Sampling
 
 log = logging.getLogger("space")
 BASE_LABEL = "base model (no adapter)"
+# What each of add_weighted_adapter's combination types does, one line each (the Merge tab shows the chosen one).
+_F = " (on the A and B factors: equal ranks)"
+_SVD = " on the full updates ΔW, refactored to the SVD rank by SVD"
+MERGE_HELP = {
+    "cat": "stacks the adapters side by side: rank = sum of ranks, exactly the weighted sum of their updates",
+    "linear": "weighted sum of the A and B factors (equal ranks): cheap, only approximately the sum of updates",
+    "svd": "weighted sum of the full updates ΔW, refactored to the SVD rank by SVD: accurate, slower",
+    "ties": "TIES: keeps each adapter's largest entries (density), elects a sign per entry, sums" + _F,
+    "ties_svd": "TIES (largest entries, elected signs)" + _SVD,
+    "dare_linear": "DARE: drops random entries (keeping density), rescales the rest, sums" + _F,
+    "dare_ties": "DARE's random drop and rescale, then TIES' sign election" + _F,
+    "dare_linear_svd": "DARE's random drop and rescale" + _SVD,
+    "dare_ties_svd": "DARE's random drop and rescale with TIES' sign election" + _SVD,
+    "magnitude_prune": "keeps each adapter's largest entries (density), sums" + _F,
+    "magnitude_prune_svd": "keeps each update's largest entries (density)" + _SVD,
+}
+# Spaces set OAUTH_CLIENT_ID when the README front matter says hf_oauth: true; locally there is no sign-in.
+SIGN_IN = bool(os.environ.get("OAUTH_CLIENT_ID"))
 
 
 def _user_errors(fn: Callable) -> Callable:
     """Show any failure as a clear message for this user only (gr.Error); the app keeps serving the others."""
 
     def convert(e: Exception) -> gr.Error:
-        if not isinstance(e, (ValueError, OSError, KeyError)):
+        expected = isinstance(e, (ValueError, OSError, KeyError))  # the user's input: one log line, no traceback
+        if expected:
+            log.info("handler %s refused a request: %s", fn.__name__, e)
+        else:
             log.exception("handler %s failed", fn.__name__)
-        return gr.Error(str(e) or type(e).__name__)
+        return gr.Error(str(e) or type(e).__name__, print_exception=False)
 
     if inspect.isgeneratorfunction(fn):
 
@@ -141,6 +163,7 @@ def build_demo(engine: AdapterEngine, concurrency: int = 8) -> gr.Blocks:
                 with gr.Row():
                     weights = gr.Textbox(label="Weights, comma-separated (empty: equal)", placeholder="0.5, 0.5")
                     combination = gr.Dropdown(list(COMBINATION_TYPES), value="svd", label="Combination type")
+                merge_help = gr.Markdown(f"`svd`: {MERGE_HELP['svd']}", elem_id="merge-help")
                 with gr.Row():
                     svd_rank = gr.Number(0, precision=0, label="SVD rank (0: largest input rank)")
                     density = gr.Slider(0.05, 1.0, value=0.5, step=0.05, label="Density (ties, dare, prune)")
@@ -161,13 +184,20 @@ def build_demo(engine: AdapterEngine, concurrency: int = 8) -> gr.Blocks:
                     merged_go = gr.Button(
                         f"Download merged full model (base up to {engine.limits.max_merged_model_bytes >> 20} MB)"
                     )
-                    delete_go = gr.Button("Delete (adapters you added in this session)", variant="stop")
                 download = gr.File(label="Download", interactive=False)
+                gr.Markdown(
+                    "**Push to the Hub** with your own account: "
+                    + ("sign in with Hugging Face, or type a write token." if SIGN_IN else "type a write token.")
+                )
+                if SIGN_IN:
+                    gr.LoginButton()
                 with gr.Row():
                     push_repo = gr.Textbox(label="Hub repo id to push to", placeholder="your-name/my-adapter")
                     push_token = gr.Textbox(label="Hub token (write)", type="password", placeholder="hf_...")
                     push_private = gr.Checkbox(True, label="Private repo")
                 push_go = gr.Button("Push to the Hub")
+                with gr.Accordion("Remove an adapter you added in this session", open=False):
+                    delete_go = gr.Button("Delete the adapter chosen above", variant="stop")
                 with gr.Row():
                     hub_repo = gr.Textbox(label="Add from a Hub repo id", placeholder="owner/adapter-repo")
                     upload = gr.File(label="...or upload a zipped adapter folder", file_types=[".zip"])
@@ -219,11 +249,11 @@ def build_demo(engine: AdapterEngine, concurrency: int = 8) -> gr.Blocks:
             rank = int(svd_rank or 0) or None
             created = engine.merge(adapters or [], _weights(weights), name.strip(), combination_type, rank, density)
             status = f"Created {created!r}; Chat now uses it."
-            yield status, "", *refreshed(created), [*added, created]
+            yield status, "", *refreshed(created), [*added, created], ""  # Chat's old answer is not the new adapter's
             if prompt.strip():
                 s = sampling(max_new_tokens, do_sample, temperature, top_p, top_k, chat_template)
                 for piece in engine.stream(created, prompt, s):
-                    yield status, piece, *[gr.skip()] * (len(lists) + 1)
+                    yield status, piece, *[gr.skip()] * (len(lists) + 2)
 
         @_user_errors
         def add_from_hub(repo: str, name: str, added: list[str]) -> list[Any]:
@@ -253,7 +283,9 @@ def build_demo(engine: AdapterEngine, concurrency: int = 8) -> gr.Blocks:
             return str(engine.export_merged_model(adapter))
 
         @_user_errors
-        def push(adapter: str, repo_id: str, token: str, private: bool) -> str:
+        def push(adapter: str, repo_id: str, token: str, private: bool, oauth_token: gr.OAuthToken | None) -> str:
+            """With the typed token, else the signed-in visitor's own (Gradio fills ``oauth_token`` on Spaces)."""
+            token = (token or "").strip() or (oauth_token.token if oauth_token is not None else "")
             return f"Pushed {adapter!r} to {engine.push(adapter, repo_id, token, private)}"
 
         go.click(generate, [adapter, prompt, *settings], output, api_name="generate")
@@ -262,8 +294,10 @@ def build_demo(engine: AdapterEngine, concurrency: int = 8) -> gr.Blocks:
         card_pick.change(show_card, card_pick, [card_md, loss_plot], api_name="card")
         merge_go.click(
             merge, [merge_pick, weights, combination, svd_rank, density, merged_name, try_prompt, *settings, mine],
-            [merge_status, try_out, *lists, mine], api_name="merge",
+            [merge_status, try_out, *lists, mine, output], api_name="merge",
         )  # fmt: skip
+        combination.change(lambda kind: f"`{kind}`: {MERGE_HELP.get(kind, '')}", combination, merge_help,
+                           api_visibility="private")  # fmt: skip
         export_go.click(export_adapter, export_pick, download, api_name="export_adapter")
         merged_go.click(export_merged, export_pick, download, api_name="export_merged")
         delete_go.click(delete, [export_pick, mine], [status, *lists, mine], api_name="delete_adapter")

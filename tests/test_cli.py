@@ -201,6 +201,9 @@ def test_train_end_to_end_writes_a_peft_loadable_adapter(trained: Path) -> None:
         assert not torch.allclose(plain, ours(input_ids=ids).logits)  # training moved the adapter
     meta, _ = io.split_front_matter((trained / "README.md").read_text())
     assert meta["library_name"] == "peft" and "lora" in meta["tags"]
+    from space.files import loss_history  # the Space's adapter card plots this file's losses
+
+    assert len(loss_history(trained)) >= 2 and "trainer_state.json" in files
 
 
 def test_train_logs_loss_eval_split_and_truncation(tmp_path: Path, capsys, caplog) -> None:

@@ -28,7 +28,8 @@ def app(adapter_dir: Path, space_cache: Path, tmp_path_factory: pytest.TempPathF
     cwd = tmp_path_factory.mktemp("space_app")
     paths = adapter_paths(adapter_dir)
     env = {"BASE_MODEL": BASE, "ADAPTERS": f"pirate={paths['pirate']},{paths['poet']}", "MAX_NEW_TOKENS": str(CAP),
-           "MAX_UPLOAD_MB": "1", "PEFT_TRAINER_CACHE": str(space_cache)}  # fmt: skip
+           "MAX_UPLOAD_MB": "1", "PEFT_TRAINER_CACHE": str(space_cache),
+           "HF_TOKEN": "hf_the_spaces_own_token"}  # fmt: skip
     log = cwd / "app.log"
     proc, url = space_helpers.start_app(env, log, cwd)
     try:
@@ -93,9 +94,11 @@ def test_adapter_card_and_loss_curve(client: Client) -> None:
 
 
 def test_merge_then_try_at_once(client: Client, oracle: dict[str, str]) -> None:
-    status, tried, *_ = client.predict(["pirate", "poet"], "0.5, 0.5", "svd", 0, 0.5, "both", PROMPT, *gen("")[2:],
-                                       api_name="/merge")  # fmt: skip
+    job = client.submit(["pirate", "poet"], "0.5, 0.5", "svd", 0, 0.5, "both", PROMPT, *gen("")[2:],
+                        api_name="/merge")  # fmt: skip
+    status, tried, *_ = job.result()
     assert "Created 'both'" in status and tried == oracle["both"]
+    assert job.outputs()[0][-1] == ""  # Chat switched to 'both': the previous adapter's answer is cleared
     assert client.predict(*gen("both"), api_name="/generate") == oracle["both"]
     with pytest.raises(AppError, match="already exists"):
         client.predict(["pirate", "poet"], "", "svd", 0, 0.5, "both", "", *gen("")[2:], api_name="/merge")
@@ -213,7 +216,7 @@ def test_bad_requests_get_a_clear_message(client: Client, oracle, args: tuple, m
 
 
 def test_add_from_hub_and_push_report_clear_errors(client: Client) -> None:
-    with pytest.raises(AppError, match="needs a Hub token"):
+    with pytest.raises(AppError, match="needs your own Hub token.*sign in"):  # never the Space's own HF_TOKEN
         client.predict("pirate", "someone/pirate", "", True, api_name="/push")
     with pytest.raises(AppError, match="not a Hub repo id"):
         client.predict("pirate", "no slash", "hf_x", True, api_name="/push")
@@ -221,6 +224,18 @@ def test_add_from_hub_and_push_report_clear_errors(client: Client) -> None:
         client.predict("someone/missing", "", api_name="/add_from_hub")
     with pytest.raises(AppError, match="neither an adapter folder nor a Hub repo id"):
         client.predict("not a repo", "", api_name="/add_from_hub")
+
+
+def test_expected_user_errors_log_one_line_and_no_traceback(app, client: Client) -> None:
+    with pytest.raises(AppError, match="Unknown adapter 'missing'"):
+        client.predict(*gen("missing"), api_name="/generate")
+    log = app[1].read_text()
+    assert "refused a request: Unknown adapter 'missing'" in log
+    # Every error so far (bad uploads, requests, pushes) was the user's input. The one traceback left is Gradio's own
+    # input check (a slider value over its maximum), which Gradio prints before any handler of ours runs.
+    blocks = log.split("Traceback (most recent call last):")[1:]
+    ours = [b for b in blocks if "raise_if_out_of_bounds" not in b]
+    assert len(blocks) <= 1 and not ours, ours[:1]
 
 
 def test_base_model_loaded_once_over_all_requests(app) -> None:
@@ -260,3 +275,10 @@ def test_no_network_unless_asked(adapter_dir: Path, space_cache: Path, tmp_path:
         space_helpers.stop_app(proc)
     log = tmp_path / "guard" / "attempts.log"
     assert not log.exists(), log.read_text()
+
+
+def test_merge_tab_explains_every_combination_type() -> None:
+    from peft_trainer.lora.combine import COMBINATION_TYPES
+    from space.ui import MERGE_HELP
+
+    assert set(MERGE_HELP) == set(COMBINATION_TYPES)
