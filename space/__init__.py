@@ -58,9 +58,10 @@ def create_engine(base_model: str | None = None, adapters: str | list[str] | Non
     base = base_model or os.environ.get("BASE_MODEL") or DEFAULT_BASE_MODEL
     specs = parse_adapters(adapters if adapters is not None else os.environ.get("ADAPTERS"))
     push_with_space_token = os.environ.get(PUSH_WITH_SPACE_TOKEN, "").strip() == "1"
+    batching = os.environ.get("BATCHING", "1").strip() != "0"
     return AdapterEngine.load(
         base, specs, limits_from_env(), token=os.environ.get("HF_TOKEN") or None,
-        push_with_space_token=push_with_space_token,
+        push_with_space_token=push_with_space_token, batching=batching,
     )  # fmt: skip
 
 
@@ -76,7 +77,8 @@ def launch(
     engine = create_engine(base_model, adapters)
     from .ui import build_demo  # gradio is imported only now, after the switches above
 
-    demo = build_demo(engine, concurrency=_int_env("CONCURRENCY", 8))
+    # Batching serves a request per batch row at once; threads running their own generate() contend beyond a few.
+    demo = build_demo(engine, concurrency=_int_env("CONCURRENCY", 32 if engine.batcher is not None else 8))
     try:
         demo.launch(server_name=host, server_port=port, share=False, max_file_size=engine.limits.zip.max_zip_bytes)
     finally:

@@ -30,6 +30,7 @@ from peft_trainer.lora.model import BASE, PeftModel, check_file_fits
 from peft_trainer.models import _HUB_ID  # the one definition of an "owner/name" repo id
 
 from . import files
+from .batcher import Batcher, Request, sampling_processors
 
 log = logging.getLogger("space")
 
@@ -142,7 +143,7 @@ class AdapterEngine:
 
     def __init__(
         self, model: torch.nn.Module, tokenizer: Any, base_name: str, limits: Limits | None = None,
-        token: str | None = None, push_with_space_token: bool = False,
+        token: str | None = None, push_with_space_token: bool = False, batching: bool = True,
     ) -> None:  # fmt: skip
         self.base = model.eval()
         self.tokenizer = tokenizer
@@ -160,18 +161,25 @@ class AdapterEngine:
         self._count_lock = threading.Lock()
         self.in_flight = 0
         self.peak_in_flight = 0
+        # Concurrent requests decode together (space.batcher); without it each runs generate() in its own thread.
+        self.batcher = Batcher(self, tokenizer) if batching else None
 
     @classmethod
     def load(
         cls, base_model: str, adapters: list[tuple[str | None, str]], limits: Limits | None = None,
-        token: str | None = None, push_with_space_token: bool = False,
+        token: str | None = None, push_with_space_token: bool = False, batching: bool = True,
     ) -> AdapterEngine:  # fmt: skip
-        """Load the base once, then each ``(name or None, folder or repo id)``; failures are logged, not fatal."""
+        """Load the base once (on CUDA in bfloat16 where there is a GPU), then each ``(name or None, folder or repo
+        id)``; failures are logged, not fatal."""
         from peft_trainer.models import load_model
 
         log.info("loading base model %s", base_model)
         model, tokenizer = load_model(base_model)
-        engine = cls(model, tokenizer, base_model, limits, token, push_with_space_token)
+        if torch.cuda.is_available():  # adapters then live beside it: float32 factors on the base's device
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            model = model.to("cuda", dtype=dtype)
+            log.info("serving on %s in %s", torch.cuda.get_device_name(), dtype)
+        engine = cls(model, tokenizer, base_model, limits, token, push_with_space_token, batching)
         for name, source in adapters:
             try:
                 engine.add(source, name, removable=False)
@@ -329,25 +337,29 @@ class AdapterEngine:
         return adapter, {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
 
     @contextlib.contextmanager
-    def _generating(self, adapter: str) -> Iterator[torch.nn.Module]:
-        """Read lock + this thread's adapter choice + the in-flight count, around one generation."""
+    def _running(self, adapter: str) -> Iterator[None]:
+        """Read lock (no adapter changes meanwhile) + the in-flight count, around one generation."""
         with self._lock.read():
-            if self.peft is None:
-                if adapter != BASE:
-                    raise ValueError(f"Unknown adapter {adapter!r}")
-                choice, model = contextlib.nullcontext(), self.base
-            else:
-                choice, model = self.peft.use_adapter(adapter), self.peft
-            with choice, torch.inference_mode():
+            if adapter != BASE and (self.peft is None or adapter not in self.peft.peft_config):
+                raise ValueError(f"Unknown adapter {adapter!r}")
+            with self._count_lock:
+                self.in_flight += 1
+                self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+                log.info("generate adapter=%s in_flight=%d", adapter, self.in_flight)
+            try:
+                yield
+            finally:
                 with self._count_lock:
-                    self.in_flight += 1
-                    self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
-                    log.info("generate adapter=%s in_flight=%d", adapter, self.in_flight)
-                try:
-                    yield model
-                finally:
-                    with self._count_lock:
-                        self.in_flight -= 1
+                    self.in_flight -= 1
+
+    @contextlib.contextmanager
+    def _generating(self, adapter: str) -> Iterator[torch.nn.Module]:
+        """:meth:`_running` + this thread's adapter choice, around one ``generate()`` (the unbatched path)."""
+        with self._running(adapter):
+            choice, model = (contextlib.nullcontext(), self.base) if self.peft is None else (
+                self.peft.use_adapter(adapter), self.peft)  # fmt: skip
+            with choice, torch.inference_mode():
+                yield model
 
     def stream(
         self, adapter: str | None, prompt: str, sampling: Sampling | None = None, cancel: threading.Event | None = None
@@ -361,7 +373,30 @@ class AdapterEngine:
         """
         sampling = sampling or Sampling()
         adapter, inputs = self._checked(adapter, prompt, sampling)
+        if self.batcher is not None:
+            return self._batched(adapter, inputs, sampling, cancel or threading.Event())
         return self._stream(adapter, inputs, sampling, cancel or threading.Event())
+
+    def _batched(
+        self, adapter: str, inputs: dict[str, torch.Tensor], sampling: Sampling, cancel: threading.Event
+    ) -> Iterator[str]:
+        """The request decodes in the shared batch; the read lock is held until the batcher has let go of it."""
+        processors = sampling_processors(sampling.temperature, sampling.top_k, sampling.top_p) if (
+            sampling.do_sample) else None  # fmt: skip
+        done = threading.Event()
+        request = Request(adapter, inputs["input_ids"], sampling.max_new_tokens, processors, (done, cancel))
+        with self._running(adapter):
+            self.batcher.submit(request)
+            text = ""
+            try:
+                for text in request.texts():
+                    yield text
+            finally:
+                if not request.left:  # the reader went away (a closed tab): leave the batch, then the lock
+                    done.set()
+                    request.wait_until_left()
+        if not text:
+            yield text
 
     def _stream(
         self, adapter: str, inputs: dict[str, torch.Tensor], sampling: Sampling, cancel: threading.Event

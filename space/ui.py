@@ -123,10 +123,10 @@ def build_demo(engine: AdapterEngine, concurrency: int = 8) -> gr.Blocks:
                 "**Some adapters could not be loaded:**\n" + "\n".join(f"- {e}" for e in engine.startup_errors)
             )
         with gr.Accordion("Sampling settings (used by Chat, Compare and Merge)", open=False):
-            with gr.Row():
-                max_new = gr.Slider(1, cap, value=min(128, cap), step=1, label="Max new tokens")
-                do_sample = gr.Checkbox(False, label="Sample (off: greedy)")
-                chat = gr.Checkbox(True, label="Apply the chat template")
+            with gr.Row():  # min_width: on a narrow screen the row wraps instead of clipping the labels
+                max_new = gr.Slider(1, cap, value=min(128, cap), step=1, label="Max new tokens", min_width=220)
+                do_sample = gr.Checkbox(False, label="Sample (off: greedy)", min_width=220)
+                chat = gr.Checkbox(True, label="Apply the chat template", min_width=220)
             with gr.Row():
                 temperature = gr.Slider(0.05, 2.0, value=0.7, step=0.05, label="Temperature")
                 top_p = gr.Slider(0.05, 1.0, value=0.95, step=0.05, label="Top-p")

@@ -104,3 +104,16 @@ def test_pick_adapter_generate_and_merge(page: Page, oracle: dict[str, str], tmp
     page.locator("#generate").click()
     expect(page.locator("#output textarea")).to_have_value(oracle["both"], timeout=30_000)
     assert page.blocked == [] and page.errors == []  # type: ignore[attr-defined]
+
+
+def test_narrow_screen_shows_every_sampling_label(page: Page, tmp_path: Path) -> None:
+    width = 320  # a small phone
+    page.set_viewport_size({"width": width, "height": 900})
+    page.get_by_text("Sampling settings").first.click()
+    boxes = [page.get_by_text(label, exact=True).first.bounding_box()
+             for label in ("Max new tokens", "Sample (off: greedy)", "Apply the chat template")]  # fmt: skip
+    page.screenshot(path=screenshot_path(tmp_path, "space_narrow.png"), full_page=True)
+    assert all(b is not None and b["x"] >= 0 and b["x"] + b["width"] <= width for b in boxes), boxes  # on screen
+    sample, chat = boxes[1:]
+    overlap = sample["y"] < chat["y"] + chat["height"] and chat["y"] < sample["y"] + sample["height"]
+    assert not overlap or sample["x"] + sample["width"] <= chat["x"], boxes  # side by side, not on top of each other

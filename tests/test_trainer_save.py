@@ -35,7 +35,7 @@ def test_folder_holds_adapter_tokenizer_card_and_no_base_weights(trained):
     top = [f for f in files_under(out) if "/" not in f]
     assert top == [
         "README.md", "adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
-        "training_args.bin",
+        "trainer_state.json", "training_args.bin",
     ]  # fmt: skip
 
 
