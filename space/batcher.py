@@ -74,11 +74,10 @@ class Batcher:
 
     def __init__(self, engine: Any, tokenizer: Any, max_batch: int = 32) -> None:
         self.engine, self.tokenizer, self.max_batch = engine, tokenizer, max_batch
-        ids = engine.base.generation_config.eos_token_id
-        ids = ids if ids is not None else tokenizer.eos_token_id
-        self.eos = set(ids if isinstance(ids, list) else [ids]) - {None}
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self._pending: queue.Queue[Request] = queue.Queue()
+        ids = getattr(engine.base.generation_config, "eos_token_id", None)
+        ids = ids if ids is not None else getattr(tokenizer, "eos_token_id", None)
+        self.eos = set(ids if isinstance(ids, list) else [ids]) - {None}  # what ends a row, as in generate()
+        self._pending: queue.Queue[Request | None] = queue.Queue()  # None: close
         self._rows: list[Request] = []
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None  # (B, T): 1 where a row's cache holds a real token
@@ -96,17 +95,28 @@ class Batcher:
         self._pending.put(request)
         return request
 
+    def close(self) -> None:
+        """Stop the scheduler once it is idle (requests still running finish first)."""
+        self._pending.put(None)
+
     # ---- the scheduler ------------------------------------------------------------------------------------------
 
     def _run(self) -> None:
         while True:
             if not self._rows:
-                self._admit(self._pending.get())  # idle: wait for work
+                request = self._pending.get()  # idle: wait for work
+                if request is None:
+                    return
+                self._admit(request)
             while len(self._rows) < self.max_batch:
                 try:
-                    self._admit(self._pending.get_nowait())
+                    request = self._pending.get_nowait()
                 except queue.Empty:
                     break
+                if request is None:  # closing: finish the running rows first
+                    self._pending.put(None)
+                    break
+                self._admit(request)
             if self._rows:
                 try:
                     self._step()

@@ -189,6 +189,8 @@ class AdapterEngine:
         return engine
 
     def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
         shutil.rmtree(self._work, ignore_errors=True)
 
     # ---- adapters ---------------------------------------------------------------------------------------------
