@@ -45,13 +45,15 @@ def _eventually(check, seconds: float = 10) -> bool:
     return check()
 
 
-def _run_together(engine: AdapterEngine, requests: list, sampling: dict | None = None) -> list[str]:
+def _run_together(engine: AdapterEngine, requests: list, sampling: dict | list[dict] | None = None) -> list[str]:
+    """Every request at once; ``sampling``: settings for all, or one dict per request."""
     results: list[str | None] = [None] * len(requests)
     start = threading.Barrier(len(requests))
+    settings = sampling if isinstance(sampling, list) else [sampling or {}] * len(requests)
 
     def one(i: int, adapter: str, prompt: str, tokens: int) -> None:
         start.wait()
-        results[i] = engine.generate(adapter, prompt, Sampling(max_new_tokens=tokens, **(sampling or {})))
+        results[i] = engine.generate(adapter, prompt, Sampling(max_new_tokens=tokens, **settings[i]))
 
     threads = [threading.Thread(target=one, args=(i, *r)) for i, r in enumerate(requests)]
     for t in threads:
@@ -79,8 +81,10 @@ def test_top_k_1_sampling_in_a_batch_is_greedy(adapter_dir: Path, alone: dict) -
     try:
         results = _run_together(engine, REQUESTS[:3], {"do_sample": True, "temperature": 0.8, "top_k": 1})
         assert results == [alone[r] for r in REQUESTS[:3]]
-        sampled = _run_together(engine, REQUESTS[:2] * 2, {"do_sample": True, "temperature": 1.5, "top_k": 0})
-        assert all(isinstance(s, str) for s in sampled)
+        hot = {"do_sample": True, "temperature": 1.5, "top_k": 0, "top_p": 0.9}
+        mixed = _run_together(engine, REQUESTS[:4], [{}, hot, {}, hot])  # greedy and sampled rows in one batch
+        assert [mixed[0], mixed[2]] == [alone[REQUESTS[0]], alone[REQUESTS[2]]]
+        assert engine.batcher.peak_batch >= 3
     finally:
         engine.close()
 
