@@ -96,6 +96,7 @@ def recipe_parser(prog: str = f"{PROG} train") -> HfArgumentParser:
     return _parser_class()(
         (ModelArguments, DataArguments, PeftTrainingArguments, BehaviourArguments),
         prog=prog,
+        allow_abbrev=False,  # --max_step is an unknown field, not silently --max_steps
         description=(
             "Train a LoRA/QLoRA adapter. RECIPE.yaml is a flat mapping of the fields below; --field value on the "
             "command line overrides the recipe. Relative data paths in a recipe are looked up next to the recipe "
@@ -150,7 +151,10 @@ def parse_recipe(path: str | os.PathLike[str] | None, overrides: Sequence[str] =
     parser.set_defaults(**{**defaults, **{k: v for k, v in values.items() if k in known}})
     namespace, rest = parser.parse_known_args(list(overrides))
     if rest:
-        problems.append(f"unknown command-line argument(s): {' '.join(rest)} (fields are written --name value)")
+        flags = [a.removeprefix("--").partition("=")[0] for a in rest if a.startswith("--")]
+        close = [c for f in flags for c in difflib.get_close_matches(f, known, n=1)]
+        hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else ""
+        problems.append(f"unknown command-line argument(s): {' '.join(rest)} (fields are written --name value{hint})")
     built: dict[type, Any] = {}
     for cls in (ModelArguments, DataArguments, PeftTrainingArguments, BehaviourArguments):
         kwargs = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls) if f.init}
@@ -362,12 +366,13 @@ def run_training(recipe: Recipe) -> TrainSummary:
     from .trainer import PeftTrainer
 
     callback = BehaviourCallback(b, tokenizer, prompts) if prompts else None
-    trainer = PeftTrainer(
-        model, t, train_dataset=prepared.train, eval_dataset=prepared.eval, processing_class=tokenizer,
-        data_collator=make_collator(tokenizer, prepared.fmt),
-        compute_metrics=_classification_metrics() if prepared.fmt == "classification" else None,
-        callbacks=[callback] if callback else None, lora_config=t.to_lora_config(task_type=m.task_type),
-    )  # fmt: skip
+    with _as_usage_error():  # LoRA injection: a wrong target module lists the candidates
+        trainer = PeftTrainer(
+            model, t, train_dataset=prepared.train, eval_dataset=prepared.eval, processing_class=tokenizer,
+            data_collator=make_collator(tokenizer, prepared.fmt),
+            compute_metrics=_classification_metrics() if prepared.fmt == "classification" else None,
+            callbacks=[callback] if callback else None, lora_config=t.to_lora_config(task_type=m.task_type),
+        )  # fmt: skip
     state = trainer.accelerator.state
     logger.info(
         "distributed: %s, %d process(es)%s", state.distributed_type.value, state.num_processes,

@@ -35,6 +35,7 @@ from . import io
 from .arguments import PeftTrainingArguments
 from .config import CONFIG_NAME, LoraConfig
 from .lora.model import PeftModel, get_peft_model
+from .models import _HUB_ID
 from .quantization import bitsandbytes_config, is_kbit, prepare_model_for_kbit_training
 
 logger = logging.getLogger(__name__)
@@ -106,7 +107,8 @@ def _fsync_dir(folder: str) -> None:
 class PeftTrainer(Trainer):
     """``transformers.Trainer`` for LoRA/QLoRA with this project's PeftModel; checkpoints hold only adapters.
 
-    ``model``: a Hub id or local path (loaded with ``AutoModelForCausalLM``, in 4/8 bit when the arguments ask),
+    ``model``: an embedded model name (its local copy, as the CLI loads it), a folder or a Hub id (loaded with
+    ``AutoModelForCausalLM``), in 4/8 bit when the arguments ask;
     a transformers ``PreTrainedModel`` (LoRA injected from ``lora_config`` or ``args.to_lora_config()`` after the
     seed is set), or a ready ``PeftModel``. A 4-/8-bit base goes through ``prepare_model_for_kbit_training``.
     """
@@ -129,7 +131,7 @@ class PeftTrainer(Trainer):
         args = args if args is not None else PeftTrainingArguments(output_dir="trainer_output")
         if args.ddp_find_unused_parameters is None:
             args.ddp_find_unused_parameters = False  # every LoRA parameter gets a gradient in every step
-        self._hub_id = model if isinstance(model, str) and not os.path.isdir(model) else None
+        self._hub_id = model if isinstance(model, str) and _HUB_ID.match(model) and not os.path.isdir(model) else None
         model = self._build_model(model, args, lora_config)
         model.chunked_loss = getattr(args, "chunked_loss", True)
         if args.activation_checkpointing and getattr(model, "main_input_name", None) != "input_ids":
@@ -161,10 +163,21 @@ class PeftTrainer(Trainer):
         if isinstance(model, str):
             from transformers import AutoModelForCausalLM
 
+            from . import models
+
             qconfig = bitsandbytes_config(args) if peft_args else None
-            model = AutoModelForCausalLM.from_pretrained(
-                model, **({"quantization_config": qconfig} if qconfig else {})
-            )
+            spec = models.EMBEDDED_MODELS.get(models.embedded_name(model).strip().lower())
+            path = models.resolve_model(spec.name) if spec else model  # embedded: the local copy, never the Hub
+            try:
+                model = AutoModelForCausalLM.from_pretrained(
+                    path, **({"quantization_config": qconfig} if qconfig else {})
+                )
+            except OSError as e:  # neither a folder nor a Hub model: perhaps a misspelt embedded name
+                if spec is None and not os.path.exists(path) and not _HUB_ID.match(path):
+                    raise models._unknown(path, "not an embedded model name, a folder or a Hub model") from e
+                raise
+            if spec is not None and spec.hub_id:  # adapter configs and cards name the Hub model it copies
+                model.config._name_or_path = spec.hub_id
         if type(model).__module__.split(".")[0] == "peft":
             raise TypeError("PeftTrainer trains peft_trainer.PeftModel; pass the base model, not a peft.PeftModel")
         if isinstance(model, PeftModel):

@@ -160,6 +160,15 @@ def test_invalid_recipe_reports_every_problem_at_once(tmp_path: Path, capsys) ->
     assert main(["train", str(path), "--no_such_field", "1"]) == 2
     err_text = capsys.readouterr().err
     assert "unknown command-line argument(s): --no_such_field 1" in err_text and "Traceback" not in err_text
+    with pytest.raises(UsageError, match=r"--max_step 1 .*did you mean --max_steps\?"):  # never taken as --max_steps
+        parse_recipe(_recipe(tmp_path), ["--max_step", "1"])
+
+
+def test_a_wrong_target_module_exits_2_naming_the_candidates(tmp_path: Path, capsys) -> None:
+    _write_jsonl(tmp_path / "train.jsonl", [{"prompt": "q", "completion": "a"}] * 4)
+    assert main(["train", str(_recipe(tmp_path, lora_target_modules=["q_projj"]))]) == 2
+    err = capsys.readouterr().err
+    assert "Target modules ['q_projj'] not found" in err and "'q_proj'" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("command", ["", *COMMANDS])

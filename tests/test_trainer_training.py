@@ -131,6 +131,15 @@ def test_model_forms_and_seeded_injection(tmp_path, caplog):
         PeftTrainer(tiny_llama(), fast_args(tmp_path / "o", load_in_4bit=True))
 
 
+def test_embedded_model_names_load_offline_as_in_the_cli(tmp_path, embedded_cache, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # an embedded name must never reach for the Hub
+    trainer = PeftTrainer("tiny-llama", fast_args(tmp_path, max_steps=1), train_dataset=token_dataset(4))
+    assert type(trainer.model.get_base_model()).__name__ == "LlamaForCausalLM"
+    trainer.train()
+    with pytest.raises(ValueError, match="tiny-llama"):  # a misspelt name lists the embedded ones
+        PeftTrainer("tiny-lama", fast_args(tmp_path))
+
+
 def _train_with_checkpointing(tmp_path, name, **overrides):
     trainer = _ours(tmp_path / name, max_steps=3, **overrides)
     before = {k: v.clone() for k, v in trainer.model.adapter_tensors("default").items()}
