@@ -89,7 +89,7 @@ def get_model_status(model: nn.Module) -> TunerModelStatus:
     layers = get_layer_status(model)
     peft = isinstance(model, PeftModel)
     base = model.get_base_model() if peft else model
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable, total = PeftModel.get_nb_trainable_parameters(model)  # works on any module, as in PEFT
     adapters = sorted({a for s in layers for a in s.available_adapters})
     merged = sorted({a for s in layers for a in s.merged_adapters})
     if any(set(merged) & (set(s.available_adapters) - set(s.merged_adapters)) for s in layers):
@@ -106,7 +106,7 @@ def get_model_status(model: nn.Module) -> TunerModelStatus:
         adapter_model_type="LoraModel",
         peft_types={name: "LORA" for name in getattr(model, "peft_config", {})} if peft else {},
         trainable_params=trainable,
-        total_params=sum(p.numel() for p in model.parameters()),
+        total_params=total,
         num_adapter_layers=len(layers),
         enabled=_same([s.enabled for s in layers]),
         active_adapters=_same([s.active_adapters for s in layers]),

@@ -166,7 +166,7 @@ class PeftTrainer(Trainer):
             from . import models
 
             qconfig = bitsandbytes_config(args) if peft_args else None
-            spec = models.EMBEDDED_MODELS.get(models.embedded_name(model).strip().lower())
+            spec = models._embedded(models.embedded_name(model))
             path = models.resolve_model(spec.name) if spec else model  # embedded: the local copy, never the Hub
             try:
                 model = AutoModelForCausalLM.from_pretrained(

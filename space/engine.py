@@ -358,8 +358,10 @@ class AdapterEngine:
     def _generating(self, adapter: str) -> Iterator[torch.nn.Module]:
         """:meth:`_running` + this thread's adapter choice, around one ``generate()`` (the unbatched path)."""
         with self._running(adapter):
-            choice, model = (contextlib.nullcontext(), self.base) if self.peft is None else (
-                self.peft.use_adapter(adapter), self.peft)  # fmt: skip
+            if self.peft is None:
+                choice, model = contextlib.nullcontext(), self.base
+            else:
+                choice, model = self.peft.use_adapter(adapter), self.peft
             with choice, torch.inference_mode():
                 yield model
 
@@ -383,8 +385,9 @@ class AdapterEngine:
         self, adapter: str, inputs: dict[str, torch.Tensor], sampling: Sampling, cancel: threading.Event
     ) -> Iterator[str]:
         """The request decodes in the shared batch; the read lock is held until the batcher has let go of it."""
-        processors = sampling_processors(sampling.temperature, sampling.top_k, sampling.top_p) if (
-            sampling.do_sample) else None  # fmt: skip
+        processors = None  # greedy
+        if sampling.do_sample:
+            processors = sampling_processors(sampling.temperature, sampling.top_k, sampling.top_p)
         done = threading.Event()
         request = Request(adapter, inputs["input_ids"], sampling.max_new_tokens, processors, (done, cancel))
         with self._running(adapter):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from safetensors.torch import load_file
 
 from peft_trainer import PeftModel, models
 from peft_trainer.distributed import CPU_FSDP_ENV
+from tests.space_helpers import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -30,12 +30,6 @@ ACCELERATE = ROOT / "recipes" / "accelerate"
 # sampler order does not matter). SGD keeps the update linear in the gradient: only float summation order differs.
 TOLERANCE = dict(rtol=1e-5, atol=1e-6)
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +67,7 @@ def launcher(config: str, *target: str) -> list[str]:
     """``accelerate launch`` of ``target`` (default: the CLI module) on 2 processes with a recipe's accelerate config."""
     accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or "accelerate"
     return [accelerate, "launch", "--config_file", str(ACCELERATE / config), "--num_processes", "2",
-            "--main_process_port", str(_free_port()), *(target or ("-m", "peft_trainer.cli"))]  # fmt: skip
+            "--main_process_port", str(free_port()), *(target or ("-m", "peft_trainer.cli"))]  # fmt: skip
 
 
 def cpu_env(config: str) -> dict[str, str]:

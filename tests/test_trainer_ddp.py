@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_distributed import _free_port
+from tests.space_helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "ddp_tiny.py"
 
 
 def _launch(out: Path, *extra: str) -> subprocess.CompletedProcess:
-    port = str(_free_port())  # not the default 29500, which another run's processes may still hold
+    port = str(free_port())  # not the default 29500, which another run's processes may still hold
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port, str(SCRIPT),
            str(out), *extra]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

@@ -31,7 +31,7 @@ def hotswap_adapter_from_state_dict(
     if adapter_name in model.adapter_state.merged:
         raise ValueError(f"Cannot hot-swap adapter {adapter_name!r} while it is merged: unmerge_adapter() first")
     model.load_adapter_tensors(adapter_name, state_dict, source=f"hot-swap of {adapter_name!r}")
-    for path, layer in model.base_model.named_modules():
+    for path, layer in model._layers():
         if isinstance(layer, LoraLayer) and adapter_name in layer.r:
             alpha = pattern_value(config.alpha_pattern, path, config.lora_alpha)
             layer._set_scaling(adapter_name, layer.r[adapter_name], alpha, config.use_rslora)
