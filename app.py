@@ -1,8 +1,8 @@
-"""Hugging Face Space entry point: serve one base model with many LoRA adapters (settings: see space/__init__.py)."""
+"""Hugging Face Space entry point: serve one base model with many LoRA adapters (settings: see peft_trainer_space/__init__.py)."""
 
 from __future__ import annotations
 
-from space import launch
+from peft_trainer_space import launch
 
 if __name__ == "__main__":
     launch()

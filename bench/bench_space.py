@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from peft_trainer import LoraConfig, get_peft_model  # noqa: E402
 from peft_trainer.lora.layer import AdapterState, Linear  # noqa: E402
 from peft_trainer.models import load_model  # noqa: E402
-from space.engine import AdapterEngine, Sampling  # noqa: E402
+from peft_trainer_space.engine import AdapterEngine, Sampling  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."

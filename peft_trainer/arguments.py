@@ -7,8 +7,9 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from . import distributed, io
+from . import distributed
 from .config import LoraConfig
+from .folders import validate_adapter_name
 
 distributed.install()  # before any TrainingArguments sets up its devices (CPU-only DeepSpeed/FSDP fixes)
 
@@ -124,7 +125,7 @@ class PeftTrainingArguments(TrainingArguments):
         if parse_init(self.init_lora_weights) not in (True, False, "gaussian"):
             p.append(f"init_lora_weights={self.init_lora_weights!r}: use 'true', 'false' or 'gaussian'")
         try:
-            io.validate_adapter_name(self.adapter_name)
+            validate_adapter_name(self.adapter_name)
         except ValueError as e:
             p.append(f"adapter_name: {e}")
         if self.load_in_4bit and self.load_in_8bit:

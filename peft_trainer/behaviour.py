@@ -119,31 +119,27 @@ def generate_answers(
     prompts: list[str],
     max_new_tokens: int = 64,
     batch_size: int = 16,
+    desc: str | None = None,
 ) -> list[str]:
-    """Greedy answers, one per prompt: chat template (user turn + generation prompt) when the tokenizer has one,
-    else the prompt + newline; left-padded batches of ``batch_size``; special tokens dropped from the answers."""
+    """Greedy answers, one per prompt, each rendered by :func:`peft_trainer.prompts.render_prompt` (as in training
+    and in the Space); left-padded batches of ``batch_size``; special tokens dropped from the answers. ``desc``
+    shows a progress bar over the batches (on the main process only)."""
     import torch
+    from tqdm.auto import tqdm
 
-    from .data import FALLBACK_CHAT_TEMPLATE
+    from .prompts import encode_prompts
 
-    template = None if getattr(tokenizer, "chat_template", None) else FALLBACK_CHAT_TEMPLATE
-    texts = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True, chat_template=template
-        )
-        for p in prompts
-    ]
     was_training, side = model.training, tokenizer.padding_side
     device = next(model.parameters()).device
     answers: list[str] = []
     model.eval()
     tokenizer.padding_side = "left"
+    starts = range(0, len(prompts), batch_size)
+    bar = tqdm(starts, desc=desc, unit="batch", leave=False, disable=desc is None or not _main_process())
     try:
-        for start in range(0, len(texts), batch_size):
-            enc = tokenizer(
-                texts[start : start + batch_size], return_tensors="pt", padding=True,
-                add_special_tokens=template is not None,
-            ).to(device)  # fmt: skip
+        for start in bar:
+            enc = encode_prompts(tokenizer, prompts[start : start + batch_size], return_tensors="pt", padding=True)
+            enc = enc.to(device)
             with torch.no_grad():
                 out = model.generate(
                     **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
@@ -157,6 +153,12 @@ def generate_answers(
     return answers
 
 
+def _main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process if PartialState._shared_state else True
+
+
 def behaviour_score(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -164,13 +166,14 @@ def behaviour_score(
     check: str,
     max_new_tokens: int = 64,
     batch_size: int = 16,
+    desc: str | None = None,
 ) -> BehaviourResult:
     """Generate greedily for every prompt and score the share of answers that pass ``CHECKS[check]``, computed
     with ``evaluate`` (the accuracy of pass/fail predictions against "pass" references)."""
     from .metrics import load_metric
 
     test, _ = CHECKS[check]
-    answers = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size)
+    answers = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, desc)
     passed = [int(test(a)) for a in answers]
     score = load_metric("accuracy").compute(predictions=passed, references=[1] * len(passed))["accuracy"]
     samples = [{"prompt": p, "answer": a, "pass": bool(ok)} for p, a, ok in zip(prompts, answers, passed)]
@@ -178,48 +181,72 @@ def behaviour_score(
 
 
 class BehaviourCallback(TrainerCallback):
-    """Scores the behaviour after every evaluation and logs it as ``eval_behaviour_score`` (every rank generates,
-    so FSDP's collective forward works; only the main process logs). Attach the trainer with :meth:`bind`."""
+    """Scores the behaviour: of the base model (:meth:`score_base`, before training), after every evaluation (logged
+    as ``eval_behaviour_score``) and when training ends (a model-card section and ``behaviour_eval.json``). Every
+    rank generates, so FSDP's collective forward works; only the main process logs and writes.
+
+    Attach it with ``trainer.add_callback(callback.bind(trainer))``: added after the Trainer's progress bar, its
+    own bar shows once the evaluation bar has closed."""
 
     def __init__(self, args: BehaviourArguments, tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> None:
         self.args, self.tokenizer, self.prompts = args, tokenizer, prompts
         self.trainer: Trainer | None = None
-        self.history: list[tuple[int, float]] = []
+        self.before: BehaviourResult | None = None
+        self.after: BehaviourResult | None = None
 
     def bind(self, trainer: Trainer) -> BehaviourCallback:
         self.trainer = trainer
         return self
 
-    def score(self, model: nn.Module) -> BehaviourResult:
+    def score(self, model: nn.Module, when: str) -> BehaviourResult:
         a = self.args
         assert a.behaviour is not None
-        return behaviour_score(model, self.tokenizer, self.prompts, a.behaviour, a.behaviour_max_new_tokens,
-                               a.behaviour_batch_size)  # fmt: skip
+        logger.info("behaviour %r: scoring %d prompts %s", a.behaviour, len(self.prompts), when)
+        result = behaviour_score(model, self.tokenizer, self.prompts, a.behaviour, a.behaviour_max_new_tokens,
+                                 a.behaviour_batch_size, desc=f"behaviour {a.behaviour} {when}")  # fmt: skip
+        logger.info("behaviour %r %s: %.1f%% (%d/%d)", a.behaviour, when, 100 * result.score, result.passed,
+                    result.total)  # fmt: skip
+        return result
 
-    def on_evaluate(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any) -> None:
+    def score_base(self) -> BehaviourResult:
+        """The base model's score (adapters disabled), logged as the first ``eval_behaviour_score``."""
+        assert self.trainer is not None, "bind(trainer) first"
+        with self.trainer.model.disable_adapter():
+            self.before = self.score(self.trainer.model, "before training (base model)")
+        self.trainer.log({"eval_behaviour_score": self.before.score})
+        return self.before
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.trainer is None or not self.args.behaviour_during_training:
             return
-        result = self.score(self.trainer.model if model is None else model)
-        self.history.append((state.global_step, result.score))
+        result = self.score(self.trainer.model, f"at step {state.global_step}")
         self.trainer.log({"eval_behaviour_score": result.score})
 
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Score the trained adapter; the card section joins every card the trainer writes from now on (so the
+        final push carries it)."""
+        if self.trainer is None:
+            return
+        self.after = self.score(self.trainer.model, "after training")
+        if self.before is not None:
+            self.trainer.card_sections[CARD_SECTION] = card_section(self.before, self.after)
+            if args.should_save:
+                write_report(args.output_dir, self.before, self.after)
 
-def write_card_section(output_dir: str | os.PathLike[str], before: BehaviourResult, after: BehaviourResult) -> None:
-    """Append a "Behaviour score" section (before/after and a few answers) to the model card README.md and write
-    every prompt and answer to ``behaviour_eval.json``."""
-    from pathlib import Path
 
-    from . import io
+CARD_SECTION = "Behaviour score"
+REPORT_NAME = "behaviour_eval.json"
 
-    out = Path(output_dir)
+
+def card_section(before: BehaviourResult, after: BehaviourResult) -> str:
+    """The model card's behaviour section: the check, before/after scores and a few answers."""
     _, description = CHECKS[after.check]
     rows = "\n".join(
         f"| {s['prompt']} | `{s['answer'].strip().replace(chr(10), ' ⏎ ').replace('|', '/')[:120]}` | "
         f"{'yes' if s['pass'] else 'no'} |"
         for s in after.samples[:5]
     )
-    section = (
-        f"## Behaviour score\n\n"
+    return (
         f"Check `{after.check}`: {description}. Greedy answers to {after.total} held-out prompts, scored with "
         f"`evaluate` (accuracy of pass/fail).\n\n"
         f"| | score | passed |\n|---|---|---|\n"
@@ -227,16 +254,17 @@ def write_card_section(output_dir: str | os.PathLike[str], before: BehaviourResu
         f"| with this adapter | {after.score:.1%} | {after.passed}/{after.total} |\n\n"
         f"Sample answers with the adapter:\n\n| prompt | answer | pass |\n|---|---|---|\n{rows}\n"
     )
-    card = out / "README.md"
-    meta, body = io.split_front_matter(card.read_text(encoding="utf-8")) if card.exists() else ({}, "")
-    marker = "## Behaviour score"
-    body = body.split(marker)[0].rstrip() + "\n\n" + section
-    io.write_model_card(out, meta, body)
+
+
+def write_report(output_dir: str | os.PathLike[str], before: BehaviourResult, after: BehaviourResult) -> None:
+    """Every prompt and answer, before and after, to ``behaviour_eval.json``."""
     report = {
         "before": {**before.as_dict(), "samples": before.samples},
         "after": {**after.as_dict(), "samples": after.samples},
     }
-    (out / "behaviour_eval.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    path = os.path.join(output_dir, REPORT_NAME)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
 
 
 __all__ = [
@@ -249,5 +277,6 @@ __all__ = [
     "is_json_answer",
     "is_pirate",
     "load_prompts",
-    "write_card_section",
+    "card_section",
+    "write_report",
 ]

@@ -9,7 +9,8 @@ import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-CONFIG_NAME = "adapter_config.json"
+from .folders import CONFIG_NAME, resolve_file
+
 # The PEFT release whose adapter_config.json layout this project writes byte for byte.
 PEFT_FORMAT_VERSION = "0.21.2"
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
@@ -218,9 +219,7 @@ class LoraConfig(PeftConfig):
         cls, path: str | os.PathLike, subfolder: str | None = None, **hub_kwargs: Any
     ) -> LoraConfig:
         """Read adapter_config.json from a local folder or a Hub repo id."""
-        from .io import resolve_adapter_file
-
-        file = resolve_adapter_file(path, CONFIG_NAME, subfolder=subfolder, **hub_kwargs)
+        file = resolve_file(path, CONFIG_NAME, subfolder=subfolder, **hub_kwargs)
         try:
             with open(file, encoding="utf-8") as f:
                 data = json.load(f)

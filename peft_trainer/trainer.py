@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel, Trainer, TrainingArguments
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 from transformers.models.auto.modeling_auto import (
     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
     MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
@@ -31,9 +31,11 @@ from transformers.trainer_utils import (
 )
 from transformers.utils.hub import PushInProgress, hf_api
 
-from . import io
+from . import card, hub, io
 from .arguments import PeftTrainingArguments
-from .config import CONFIG_NAME, LoraConfig
+from .config import LoraConfig
+from .folders import ADAPTER_FILES, adapter_dir, missing_files, subfolder_of
+from .hub import STAGING_PREFIX
 from .lora.model import PeftModel, get_peft_model
 from .models import _HUB_ID
 from .quantization import bitsandbytes_config, is_kbit, prepare_model_for_kbit_training
@@ -43,21 +45,11 @@ logger = logging.getLogger(__name__)
 TRAINING_ARGS_NAME = "training_args.bin"
 TRAINER_STATE_NAME = "trainer_state.json"
 OPTIMIZER_PARAM_NAMES = "optimizer_param_names.json"
-STAGING_PREFIX = "tmp-"  # tmp-checkpoint-N/checkpoint-N is renamed to checkpoint-N once complete
-# What may reach the Hub from output_dir: adapter files, the model card, tokenizer/processor files. Never base weights.
-_ADAPTER_FILES = [io.WEIGHTS_NAME, CONFIG_NAME]
-_TOKENIZER_FILES = [
-    "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "spiece.model",
-    "sentencepiece.bpe.model", "chat_template.*", "preprocessor_config.json", "processor_config.json",
-]  # fmt: skip
-HUB_ALLOW_PATTERNS = ["README.md", *_ADAPTER_FILES, *[f"*/{f}" for f in _ADAPTER_FILES], *_TOKENIZER_FILES]
 # From a checkpoint folder (hub_strategy checkpoint / all_checkpoints): what resuming needs, token-free args included.
 CHECKPOINT_ALLOW_PATTERNS = [
-    *HUB_ALLOW_PATTERNS, "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth", TRAINER_STATE_NAME,
+    *hub.ALLOW_PATTERNS, "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth", TRAINER_STATE_NAME,
     OPTIMIZER_PARAM_NAMES, TRAINING_ARGS_NAME,
 ]  # fmt: skip
-HUB_IGNORE_PATTERNS = ["_*", f"{PREFIX_CHECKPOINT_DIR}-*", f"{STAGING_PREFIX}*"]
-_TASK_TAGS = {"CAUSAL_LM": "text-generation", "SEQ_CLS": "text-classification"}
 
 
 class _CausalLabelSmoother(LabelSmoother):
@@ -66,6 +58,17 @@ class _CausalLabelSmoother(LabelSmoother):
 
     def __call__(self, model_output: Any, labels: torch.Tensor, shift_labels: bool = False, num_items_in_batch=None):
         return super().__call__(model_output, labels, shift_labels=True, num_items_in_batch=num_items_in_batch)
+
+
+class _OwnForwardAtTrainEnd(TrainerCallback):
+    """First ``on_train_end`` callback: drops accelerate's mixed-precision autocast forward from the model, so later
+    callbacks and the caller of ``train()`` see the model as its saved adapter computes."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer.accelerator.unwrap_model(self.trainer.model, keep_fp32_wrapper=False)
 
 
 def task_type_of(model: nn.Module) -> str | None:
@@ -138,11 +141,14 @@ class PeftTrainer(Trainer):
             model.enable_input_require_grads()  # transformers does this itself only for input_ids models
         self._staging_dir: str | None = None
         self.hub_push_errors: list[str] = []
+        # Extra model-card sections, {title: markdown}, e.g. the behaviour score; every card written includes them.
+        self.card_sections: dict[str, str] = {}
         super().__init__(
             model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
             eval_dataset=eval_dataset, processing_class=processing_class, compute_metrics=compute_metrics,
             callbacks=callbacks, **kwargs,
         )  # fmt: skip
+        self.callback_handler.callbacks.insert(0, _OwnForwardAtTrainEnd(self))
         if self.label_smoother is not None and task_type_of(model.get_base_model()) == "CAUSAL_LM":
             self.label_smoother = _CausalLabelSmoother(self.label_smoother.epsilon, self.label_smoother.ignore_index)
         # Parameter names of the adapters as the unwrapped model has them (FSDP state dicts use these).
@@ -238,13 +244,13 @@ class PeftTrainer(Trainer):
         """Trainer.train; ``resume_from_checkpoint=True`` picks the newest *complete* checkpoint, and with
         ``push_to_hub`` a final push always follows (a failed push is logged, the local files stay).
 
-        With ``bf16``/``fp16``, accelerate wraps the model's forward in autocast for training; afterwards the model
-        gets its own forward back, so it computes what its saved adapter computes wherever it is loaded (the Trainer
-        would leave it in 16-bit autocast). ``evaluate``/``predict`` keep autocast by themselves."""
+        With ``bf16``/``fp16``, accelerate wraps the model's forward in autocast for training; when training ends
+        (before any ``on_train_end`` callback) the model gets its own forward back, so it computes what its saved
+        adapter computes wherever it is loaded (the Trainer would leave it in 16-bit autocast).
+        ``evaluate``/``predict`` keep autocast by themselves."""
         if resume_from_checkpoint is True:
             resume_from_checkpoint = self.last_complete_checkpoint(self.args.output_dir)
         output = super().train(resume_from_checkpoint, *args, **kwargs)
-        self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)  # drops the autocast forward in place
         if self.args.push_to_hub:
             try:
                 self.push_to_hub(commit_message="End of training")
@@ -268,12 +274,8 @@ class PeftTrainer(Trainer):
 
     def _missing_files(self, folder: str) -> list[str]:
         """Files a checkpoint folder needs before it can be resumed from (empty: complete)."""
-        model = self._peft_model()
-        needed = [TRAINER_STATE_NAME]
-        for name in model.peft_config:
-            sub = "" if name == "default" else name
-            needed += [os.path.join(sub, CONFIG_NAME), os.path.join(sub, io.WEIGHTS_NAME)]
-        return [f for f in needed if not os.path.isfile(os.path.join(folder, f))]
+        state = [] if os.path.isfile(os.path.join(folder, TRAINER_STATE_NAME)) else [TRAINER_STATE_NAME]
+        return state + missing_files(folder, self._peft_model().peft_config)
 
     def last_complete_checkpoint(self, run_dir: str) -> str:
         """The newest checkpoint-N in ``run_dir`` that is complete; incomplete ones are reported and skipped."""
@@ -319,9 +321,7 @@ class PeftTrainer(Trainer):
     def _load_adapters(self, folder: str) -> None:
         """Load every adapter of the model from ``folder`` ("default" at the root, others in subfolders), strictly."""
         model = self._peft_model()
-        tensors = {
-            name: io.load_weights(folder, subfolder=None if name == "default" else name) for name in model.peft_config
-        }
+        tensors = {name: io.load_weights(folder, subfolder=subfolder_of(name)) for name in model.peft_config}
         if self.is_fsdp_enabled:
             self._load_into_fsdp(folder, tensors)
             return
@@ -501,9 +501,8 @@ class PeftTrainer(Trainer):
         else:  # gathered by FSDP, keyed by parameter name
             for name, fqns in self._adapter_fqns.items():
                 if all(fqn in state_dict for fqn in fqns):
-                    folder = output_dir if name == "default" else os.path.join(output_dir, name)
                     tensors = {key: state_dict[fqn] for fqn, key in fqns.items()}
-                    io.save_adapter(folder, tensors, model.config_for_saving(name))
+                    io.save_adapter(adapter_dir(output_dir, name), tensors, model.config_for_saving(name))
             model.create_or_update_model_card(output_dir)
         tokenizer = self.processing_class
         tokenizer = tokenizer if tokenizer is not None else getattr(self.data_collator, "tokenizer", None)
@@ -517,8 +516,9 @@ class PeftTrainer(Trainer):
         dataset_tags: str | list[str] | None = None, dataset: str | list[str] | None = None,
         dataset_args: str | list[str] | None = None, output_dir: str | None = None,
     ) -> None:  # fmt: skip
-        """README.md for an adapter: Trainer's card (hyperparameters, results) with PEFT's metadata
-        (``library_name: peft``, ``base_model``, ``base_model_relation: adapter``, lora tags)."""
+        """README.md for the adapter: PEFT's metadata (``library_name: peft``, ``base_model``,
+        ``base_model_relation: adapter``, lora tags), the LoRA settings, Trainer's hyperparameters and results, and
+        :attr:`card_sections`."""
         if not self.is_world_process_zero():
             return
         from transformers.modelcard import TrainingSummary
@@ -530,32 +530,19 @@ class PeftTrainer(Trainer):
         if dataset is None and dataset_tags is None:  # a local file or an in-memory dataset: name it, tag nothing
             source = getattr(getattr(self.train_dataset, "info", None), "dataset_name", None)
             dataset, dataset_tags = (os.path.basename(source) if source else None), []
-        task_type = task_type_of(model.get_base_model())
         summary = TrainingSummary.from_trainer(
             self, language=language, license=license, tags=tags, model_name=model_name, finetuned_from=base,
-            tasks=tasks or _TASK_TAGS.get(task_type or ""), dataset_tags=dataset_tags, dataset=dataset,
-            dataset_args=dataset_args,
+            tasks=tasks or card.PIPELINE_TAGS.get(task_type_of(model.get_base_model()) or ""),
+            dataset_tags=dataset_tags, dataset=dataset, dataset_args=dataset_args,
         )  # fmt: skip
-        meta, body = io.split_front_matter(summary.to_model_card())
-        body = body.replace(
-            "This model was trained from scratch on ", "This LoRA adapter was trained on "
-        )  # no hub id
-        adapter_meta, adapter_body = io.default_card(base, model.peft_config)
-        meta = {
-            **({"base_model": base, "base_model_relation": "adapter"} if base else {}),
-            "library_name": "peft",
-            **{k: v for k, v in meta.items() if k not in ("library_name", "base_model")},
-            **{k: v for k, v in adapter_meta.items() if k not in ("tags", "base_model")},
-            "tags": sorted(set(meta.get("tags") or []) | set(adapter_meta["tags"]) | {"peft"}),
-        }
-        adapter_lines = [line for line in adapter_body.splitlines() if line.startswith("- `")]
-        body = body.rstrip() + "\n\n## LoRA adapter(s)\n\n" + "\n".join(adapter_lines) + "\n"
-        io.write_model_card(output_dir or self.args.output_dir, meta, body)
+        meta, body = card.adapter_card(base, model.peft_config, summary, self.card_sections, summary.model_name)
+        card.write_card(output_dir or self.args.output_dir, meta, body)
 
     # ---- Hub ------------------------------------------------------------------------------------------------
 
     def _push_failed(self, what: str, error: BaseException) -> None:
-        message = f"Hub {what} to {self.hub_model_id or self.args.hub_model_id or 'the Hub'} failed: {error}"
+        repo = self.hub_model_id or self.args.hub_model_id
+        message = f"Hub {what} to {repo or 'the Hub'} failed: {hub.describe_error(error, repo)}"
         self.hub_push_errors.append(message)
         logger.error(f"{message}. The local files in {self.args.output_dir} are intact; push them later.")
 
@@ -571,7 +558,7 @@ class PeftTrainer(Trainer):
         result = hf_api().upload_folder(
             repo_id=self.hub_model_id, folder_path=folder, path_in_repo=path_in_repo, commit_message=message,
             token=token if token is not None else self.args.hub_token, run_as_future=not blocking,
-            allow_patterns=allow, ignore_patterns=HUB_IGNORE_PATTERNS,
+            allow_patterns=allow, ignore_patterns=hub.IGNORE_PATTERNS,
             revision=revision if revision is not None else self.args.hub_revision,
         )  # fmt: skip
         if not blocking:
@@ -589,6 +576,7 @@ class PeftTrainer(Trainer):
         self.save_model(_internal_call=True)  # first, so that the local copy is complete even if the push fails
         if not self.is_world_process_zero():
             return None
+        self.state.save_to_json(os.path.join(self.args.output_dir, TRAINER_STATE_NAME))
         model_name = kwargs.pop("model_name", None) or (self.args.hub_model_id or self.args.output_dir).split("/")[-1]
         tags = kwargs.pop("tags", None)
         tags = [tags] if isinstance(tags, str) else list(tags or [])
@@ -600,7 +588,7 @@ class PeftTrainer(Trainer):
                 raise RuntimeError(self.hub_push_errors[-1])
         self._finish_current_push()
         return self._upload(
-            self.args.output_dir, commit_message, HUB_ALLOW_PATTERNS, token=token, revision=revision, blocking=blocking
+            self.args.output_dir, commit_message, hub.ALLOW_PATTERNS, token=token, revision=revision, blocking=blocking
         )
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
@@ -615,18 +603,17 @@ class PeftTrainer(Trainer):
         self.callback_handler.on_push_begin(self.args, self.state, self.control)
         output_dir = self.args.output_dir
         for name in self._peft_model().peft_config:
-            sub = "" if name == "default" else name
-            os.makedirs(os.path.join(output_dir, sub), exist_ok=True)
-            for file in _ADAPTER_FILES:  # replaced, not overwritten: a running upload keeps reading the old file
-                target = os.path.join(output_dir, sub, file)
-                shutil.copy(os.path.join(checkpoint_folder, sub, file), target + ".tmp")
-                os.replace(target + ".tmp", target)
+            target, source = adapter_dir(output_dir, name), adapter_dir(checkpoint_folder, name)
+            target.mkdir(parents=True, exist_ok=True)
+            for file in ADAPTER_FILES:  # replaced, not overwritten: a running upload keeps reading the old file
+                shutil.copy(source / file, target / (file + ".tmp"))
+                os.replace(target / (file + ".tmp"), target / file)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         self.create_model_card()
         step = self.args.save_strategy == SaveStrategy.STEPS
         message = f"Training in progress, {'step' if step else 'epoch'} {self.state.global_step if step else int(self.state.epoch or 0)}"
-        jobs = [self._upload(output_dir, message, HUB_ALLOW_PATTERNS)]
+        jobs = [self._upload(output_dir, message, hub.ALLOW_PATTERNS)]
         if self.args.hub_strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
             path = (
                 "last-checkpoint" if self.args.hub_strategy == HubStrategy.CHECKPOINT else Path(checkpoint_folder).name

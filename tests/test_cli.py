@@ -16,16 +16,19 @@ import pytest
 import torch
 import yaml
 
-from peft_trainer import LoraConfig, PeftModel, get_peft_model, io, models
+from peft_trainer import LoraConfig, PeftModel, card, get_peft_model, models
 from peft_trainer.behaviour import PIRATE_SIGNATURE, is_json_answer, is_pirate
-from peft_trainer.cli import COMMANDS, UsageError, files_to_push, main, parse_recipe
+from peft_trainer.cli import COMMANDS, main
+from peft_trainer.errors import UsageError
+from peft_trainer.hub import files_to_push
+from peft_trainer.recipe import RECIPES_DIR, parse_recipe
 from tests import conftest_hub
 
 hub_server = conftest_hub.hub_server  # the fixture; an assignment, so parameters named hub_server are not F811
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
-ACCELERATE_CONFIGS = sorted((ROOT / "recipes" / "accelerate").glob("*.yaml"))
+RECIPES = sorted((RECIPES_DIR).glob("*.yaml"))
+ACCELERATE_CONFIGS = sorted((RECIPES_DIR / "accelerate").glob("*.yaml"))
 QUIET = ["--disable_tqdm", "true", "--report_to", "none"]
 
 
@@ -85,8 +88,23 @@ def test_every_recipe_parses_and_its_files_exist(path: Path) -> None:
         assert recipe.training.load_in_4bit and recipe.training.bnb_4bit_quant_type == "nf4"
 
 
+def test_shipped_recipes_are_found_by_name_from_any_folder(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    recipe = parse_recipe("quickstart-pirate", ["--max_steps", "1"])
+    assert Path(recipe.path) == RECIPES_DIR / "quickstart-pirate.yaml" and recipe.training.max_steps == 1
+    assert Path(recipe.data.dataset).is_file() and Path(recipe.data.dataset).is_relative_to(RECIPES_DIR)
+    with pytest.raises(UsageError, match="did you mean quickstart-pirate"):
+        parse_recipe("quickstart-pirat")
+    assert (
+        main(["train", "quickstart-pirat"]) == 2
+        and "shipped recipes: minilm-sentiment, qlora-smollm2" in capsys.readouterr().err
+    )
+    pyproject = (ROOT / "pyproject.toml").read_text()  # and they go into the wheel with the package
+    assert all(f'"recipes/{pattern}"' in pyproject for pattern in ("*.yaml", "accelerate/*.yaml", "data/*.jsonl"))
+
+
 def test_quickstart_recipes_train_two_different_behaviours_on_the_embedded_default() -> None:
-    recipes = [parse_recipe(p) for p in sorted((ROOT / "recipes").glob("quickstart-*.yaml"))]
+    recipes = [parse_recipe(p) for p in sorted((RECIPES_DIR).glob("quickstart-*.yaml"))]
     assert len(recipes) >= 2
     assert {r.model.model_name_or_path for r in recipes} == {"smollm2-135m-instruct"}
     assert len({r.behaviour.behaviour for r in recipes}) == len(recipes)
@@ -113,7 +131,7 @@ def test_accelerate_configs_parse_and_say_when_to_use_them() -> None:
 
 
 def test_quickstart_data_script_is_deterministic_and_matches_the_committed_files(tmp_path: Path) -> None:
-    script = ROOT / "recipes" / "data" / "make_quickstart_data.py"
+    script = RECIPES_DIR / "data" / "make_quickstart_data.py"
     subprocess.run([sys.executable, str(script), str(tmp_path)], check=True, capture_output=True)
     written = sorted(p.name for p in tmp_path.glob("*.jsonl"))
     assert written == [
@@ -123,7 +141,7 @@ def test_quickstart_data_script_is_deterministic_and_matches_the_committed_files
         "sentiment.jsonl",
     ]
     for name in written:
-        assert (tmp_path / name).read_bytes() == (ROOT / "recipes" / "data" / name).read_bytes(), name
+        assert (tmp_path / name).read_bytes() == (RECIPES_DIR / "data" / name).read_bytes(), name
     json_rows = [json.loads(line) for line in (tmp_path / "quickstart_json.jsonl").read_text().splitlines()]
     assert all(is_json_answer(r["completion"]) for r in json_rows)
     pirate_rows = [json.loads(line) for line in (tmp_path / "quickstart_pirate.jsonl").read_text().splitlines()]
@@ -182,6 +200,21 @@ def test_help_for_every_subcommand(command: str, capsys) -> None:
         assert "--lora_r" in out and "--dataset" in out and "--behaviour" in out and "--learning_rate" in out
 
 
+def test_train_help_shows_this_projects_fields_first_and_all_fields_on_request(capsys) -> None:
+    from dataclasses import fields
+
+    from transformers import TrainingArguments
+
+    main(["train", "--help"])
+    short = capsys.readouterr().out
+    assert short.index("--lora_r") < short.index("--behaviour") < short.index("--learning_rate")
+    assert "--adam_beta1" not in short and "--help-all lists all" in short
+    main(["train", "--help-all"])
+    full = capsys.readouterr().out
+    assert all(f"--{f.name} " in full or f"--{f.name}," in full for f in fields(TrainingArguments) if f.init)
+    assert len(short.splitlines()) < len(full.splitlines()) / 2
+
+
 def test_console_script_and_module_entry_points() -> None:
     result = subprocess.run([sys.executable, "-m", "peft_trainer.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "quickstart" in result.stdout
@@ -208,9 +241,9 @@ def test_train_end_to_end_writes_a_peft_loadable_adapter(trained: Path) -> None:
         with ours.disable_adapter():
             plain = ours(input_ids=ids).logits
         assert not torch.allclose(plain, ours(input_ids=ids).logits)  # training moved the adapter
-    meta, _ = io.split_front_matter((trained / "README.md").read_text())
+    meta, _ = card.split_front_matter((trained / "README.md").read_text())
     assert meta["library_name"] == "peft" and "lora" in meta["tags"]
-    from space.files import loss_history  # the Space's adapter card plots this file's losses
+    from peft_trainer_space.files import loss_history  # the Space's adapter card plots this file's losses
 
     assert len(loss_history(trained)) >= 2 and "trainer_state.json" in files
 
@@ -347,6 +380,18 @@ def test_push_uploads_only_adapter_card_and_tokenizer_files(trained: Path, tmp_p
     assert _tree_digest(folder) == before
 
 
+def test_behaviour_recipe_with_push_to_hub_pushes_once_with_the_score(tmp_path: Path, hub_server) -> None:
+    _write_jsonl(tmp_path / "train.jsonl", _chat_rows(8))
+    prompts = _write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "What is 2 plus 1?"}, {"prompt": "Hi"}])
+    recipe = _recipe(tmp_path, max_steps=2, behaviour="json_answer", behaviour_prompts=str(prompts),
+                     behaviour_max_new_tokens=4, push_to_hub=True, hub_model_id="scored")  # fmt: skip
+    assert main(["train", str(recipe)]) == 0
+    repo = f"{hub_server.user}/scored"
+    assert hub_server.commit_titles(repo)[:-1] == ["End of training"]  # one push (the last title: repo creation)
+    card = hub_server.repo_files(repo)["README.md"].decode()
+    assert "## Behaviour score" in card and card == (tmp_path / "out" / "README.md").read_text()
+
+
 def test_push_failure_names_the_cause_and_leaves_local_files_intact(trained: Path, tmp_path: Path, hub_server, capsys):
     folder = _with_junk(trained, tmp_path)
     before = _tree_digest(folder)
@@ -369,9 +414,9 @@ def test_push_failure_names_the_cause_and_leaves_local_files_intact(trained: Pat
 @pytest.fixture
 def fake_space(monkeypatch):
     calls: list[dict] = []
-    module = types.ModuleType("space")
+    module = types.ModuleType("peft_trainer_space")
     module.launch = lambda **kwargs: calls.append(kwargs)  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "space", module)
+    monkeypatch.setitem(sys.modules, "peft_trainer_space", module)
     return calls
 
 
@@ -382,7 +427,7 @@ def test_quickstart_trains_scores_and_starts_the_space_on_tiny_llama(tmp_path: P
             "--behaviour_max_new_tokens", "4", *QUIET]  # fmt: skip
     assert main(args) == 0
     out = capsys.readouterr().out
-    names = sorted(p.stem.removeprefix("quickstart-") for p in (ROOT / "recipes").glob("quickstart-*.yaml"))
+    names = sorted(p.stem.removeprefix("quickstart-") for p in (RECIPES_DIR).glob("quickstart-*.yaml"))
     assert fake_space == [{
         "base_model": "tiny-llama", "adapters": [f"{n}={tmp_path / 'qs' / n}" for n in names], "host": None,
         "port": None,
@@ -393,7 +438,11 @@ def test_quickstart_trains_scores_and_starts_the_space_on_tiny_llama(tmp_path: P
         card = (folder / "README.md").read_text()
         assert "## Behaviour score" in card and "base model (before training)" in card
         report = json.loads((folder / "behaviour_eval.json").read_text())
-        assert report["after"]["total"] == 2 and 0.0 <= report["after"]["score"] <= 1.0
+        check = {"json": is_json_answer, "pirate": is_pirate}[name]  # the report's verdicts are the check's
+        for when in ("before", "after"):
+            samples = report[when]["samples"]
+            assert [s["pass"] for s in samples] == [check(s["answer"]) for s in samples] and len(samples) == 2
+            assert report[when]["score"] == sum(s["pass"] for s in samples) / 2 == report[when]["passed"] / 2
         assert f"behaviour '{report['after']['check']}' on 2 held-out prompts:" in out
 
     assert main([*args, "--no-space"]) == 0  # same recipes: reused, not trained again
@@ -426,3 +475,17 @@ def test_accuracy_metric_loads_offline_through_evaluate(monkeypatch) -> None:
     assert metric.compute(predictions=[1, 0, 1, 1], references=[1, 1, 1, 1]) == {"accuracy": 0.75}
     with pytest.raises(ValueError, match="unknown metric"):
         load_metric("rouge")
+
+
+def test_the_library_does_not_import_the_space_or_gradio() -> None:
+    """Every library module imports without the Space package (only `peft-trainer space` starts it) or gradio."""
+    import pkgutil
+
+    import peft_trainer
+
+    names = [m.name for m in pkgutil.walk_packages(peft_trainer.__path__, "peft_trainer.")]
+    code = f"import sys; [__import__(n) for n in {names!r}]; print(sorted(m for m in sys.modules " \
+           "if m.split('.')[0] in ('peft_trainer_space', 'gradio')))"  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr[-2000:]
+    assert len(names) > 20

@@ -166,11 +166,27 @@ def test_prompt_completion_without_template(plain_tok: Any) -> None:
     ds, _ = tokenize_dataset(datasets.Dataset.from_list(PAIRS), plain_tok, max_length=256)
     for row, pair in zip(ds, PAIRS):
         assert trained_text(plain_tok, row) == pair["completion"] + plain_tok.eos_token
-        assert plain_tok.decode(row["input_ids"]) == pair["prompt"] + pair["completion"] + plain_tok.eos_token
+        assert (
+            plain_tok.decode(row["input_ids"])
+            == f"user:\n{pair['prompt']}\nassistant:\n{pair['completion']}<|im_end|>\n"
+        )
     full, _ = tokenize_dataset(
         datasets.Dataset.from_list(PAIRS), plain_tok, max_length=256, completion_only_loss=False
     )
     assert full[0]["labels"] == full[0]["input_ids"]
+
+
+@pytest.mark.parametrize("template", ["own", "none"])
+def test_training_scoring_and_serving_render_a_prompt_alike(tok: Any, plain_tok: Any, template: str) -> None:
+    """The tokens before a completion in training are the tokens behaviour scoring and the Space generate from."""
+    from peft_trainer.prompts import encode_prompts
+
+    tokenizer = tok if template == "own" else plain_tok
+    ds, _ = tokenize_dataset(datasets.Dataset.from_list(PAIRS), tokenizer, max_length=256)
+    for row, pair in zip(ds, PAIRS):
+        prompt_ids = encode_prompts(tokenizer, [pair["prompt"]])["input_ids"][0]
+        first_label = next(i for i, label in enumerate(row["labels"]) if label != IGNORE_INDEX)
+        assert row["input_ids"][:first_label] == prompt_ids
 
 
 def test_text_format(tok: Any) -> None:

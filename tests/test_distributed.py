@@ -20,12 +20,13 @@ from safetensors.torch import load_file
 
 from peft_trainer import PeftModel, models
 from peft_trainer.distributed import CPU_FSDP_ENV
+from peft_trainer.recipe import RECIPES_DIR
 from tests.space_helpers import free_port
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
-ACCELERATE = ROOT / "recipes" / "accelerate"
+ACCELERATE = RECIPES_DIR / "accelerate"
 # One process with batch 8 vs 2 processes with batch 4: the same 8 rows every step (8 rows = one global batch, so the
 # sampler order does not matter). SGD keeps the update linear in the gradient: only float summation order differs.
 TOLERANCE = dict(rtol=1e-5, atol=1e-6)

@@ -31,7 +31,7 @@ hub_server = conftest_hub.hub_server  # the fixture
 CLIENT_TIMEOUT = 2.0
 ROOT_FILES = [
     ".gitattributes", "README.md", "adapter_config.json", "adapter_model.safetensors", "tokenizer.json",
-    "tokenizer_config.json",
+    "tokenizer_config.json", "trainer_state.json",
 ]  # fmt: skip
 # fault kind, hub_strategy, what every reported error must say
 FAULTS = [

@@ -21,7 +21,6 @@ import stat
 import struct
 import subprocess
 import sys
-import time
 import uuid
 import zipfile
 from collections import Counter
@@ -40,7 +39,6 @@ from .conftest import tiny_llama
 WEIGHTS, CONFIG, PICKLED = "adapter_model.safetensors", "adapter_config.json", "adapter_model.bin"
 LORA_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 MAX_RSS_GROWTH_MB = 200
-MAX_SECONDS = 5.0
 UPLOAD_MB = 8  # the Space's MAX_UPLOAD_MB in the subprocess: zips up to 8 MB, 64 MB unpacked
 OUTSIDE = f"peft-trainer-hostile-{uuid.uuid4().hex[:12]}"  # what traversal entries aim at: /tmp/<OUTSIDE>
 LIB_CALLS = ("from_pretrained", "load_adapter")
@@ -425,19 +423,18 @@ def drive() -> None:
     """Subprocess side: ``python -c ... spec.json out.json``; runs every case, records error, time, RSS and files."""
     spec = json.loads(Path(sys.argv[1]).read_text())
     from peft_trainer.lora import LoraLayer
-    from space import limits_from_env
-    from space.engine import AdapterEngine
+    from peft_trainer_space import limits_from_env
+    from peft_trainer_space.engine import AdapterEngine
 
     root, valid = Path(spec["root"]), spec["valid"]
     engine = AdapterEngine(tiny_llama(), None, "tiny-llama", limits_from_env())
     engine.add(valid, "valid", removable=False)
 
-    def attempt(call: str, path: str, kwargs: dict) -> tuple[Exception | None, float, bool]:
-        """One call: its exception (None if it succeeded), its seconds, whether the model/engine is as before."""
+    def attempt(call: str, path: str, kwargs: dict) -> tuple[Exception | None, bool]:
+        """One call: its exception (None if it succeeded), whether the model/engine is as before."""
         kwargs, error = dict(kwargs), None
         base = tiny_llama() if call == "from_pretrained" else None
         model = PeftModel.from_pretrained(tiny_llama(), valid) if call == "load_adapter" else None
-        start = time.perf_counter()
         try:
             if call == "config":
                 LoraConfig.from_pretrained(path, **kwargs)
@@ -449,17 +446,16 @@ def drive() -> None:
                 engine.add_zip(path, kwargs.get("adapter_name"))
         except Exception as e:
             error = e
-        seconds = time.perf_counter() - start
         if call == "from_pretrained":
             intact = not any(isinstance(m, LoraLayer) for m in base.modules())
         elif call == "load_adapter":
             intact = list(model.peft_config) == ["default"]
         else:
             intact = engine.names() == ["valid"] and not list(engine._work.glob("upload-*"))
-        return error, seconds, intact
+        return error, intact
 
     for call in ("config", "from_pretrained", "load_adapter"):  # each path once: imports and first allocations
-        error, _, _ = attempt(call, valid, {})
+        error, _ = attempt(call, valid, {})
         assert error is None, f"warm-up {call} failed: {error}"
     engine.add_zip(spec["warm_zip"], "warm")
     engine.delete("warm")
@@ -473,8 +469,8 @@ def drive() -> None:
         before, mark = listing(root), peak_mb()
         calls = []
         for call in case["calls"]:
-            error, seconds, intact = attempt(call, case["path"], case["kwargs"])
-            calls.append({"call": call, "seconds": seconds, "intact": intact,
+            error, intact = attempt(call, case["path"], case["kwargs"])
+            calls.append({"call": call, "intact": intact,
                           "error": type(error).__name__ if error else None, "message": str(error or "")})  # fmt: skip
         after = listing(root)
         records[case["id"]] = {
@@ -543,7 +539,6 @@ def test_hostile_input_gets_a_clear_error(hostile, case: Case) -> None:
         assert call["error"] == "ValueError", f"{where}: {call['error']}: {call['message']}"
         assert re.search(case.message, call["message"]), f"{where}: {call['message']!r} !~ {case.message!r}"
         assert call["intact"], f"{where}: the model or engine was left changed"
-        assert call["seconds"] < MAX_SECONDS, f"{where}: took {call['seconds']:.1f} s"
     assert record["rss_growth_mb"] < MAX_RSS_GROWTH_MB, f"{case.id}: peak RSS grew {record['rss_growth_mb']:.0f} MB"
     assert record["new_files"] == [] and record["gone_files"] == [], record
 

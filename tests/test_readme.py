@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import gradio
+import pytest
 import yaml
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -19,14 +21,49 @@ def _block(marker: str) -> str:
     return section.strip().strip("`").strip()
 
 
-def test_python_example_trains_saves_and_loads_in_peft(tmp_path: Path) -> None:
+def _examples() -> dict[str, str]:
+    """Every ```python block of the README, keyed by the heading above it (numbered when a heading has several)."""
+    found: dict[str, str] = {}
+    heading = ""
+    for part in re.split(r"(^## [^\n]*$|```python\n.*?```)", README.read_text(encoding="utf-8"), flags=re.M | re.S):
+        if part.startswith("## "):
+            heading = part[3:].split(":")[0].strip()
+        elif part.startswith("```python"):
+            key = heading if heading not in found else f"{heading} ({sum(k.startswith(heading) for k in found) + 1})"
+            found[key] = part.removeprefix("```python\n").removesuffix("```")
+    return found
+
+
+EXAMPLES = _examples()
+
+
+def test_the_readme_has_its_examples() -> None:
+    assert list(EXAMPLES) == ["Example", "PeftTrainer", "PeftTrainer (2)"]
+    assert len(EXAMPLES["Example"].splitlines()) <= 25
+    assert "assert torch.allclose(reloaded(batch).logits" in EXAMPLES["Example"]  # the example checks itself
+
+
+@pytest.mark.parametrize("name", list(EXAMPLES))
+def test_python_example_runs_as_written(name: str, tmp_path: Path, embedded_cache: Path) -> None:
+    """Each block runs in a fresh folder holding the README's JSONL data (```jsonl blocks, under the file name the
+    text before them gives), with nothing else defined."""
     text = README.read_text(encoding="utf-8")
-    example = re.search(r"## Example.*?```python\n(.*?)```", text, re.S).group(1)
-    assert len(example.splitlines()) <= 25
-    assert "assert torch.allclose(reloaded(batch).logits" in example  # the example checks itself
-    out = subprocess.run([sys.executable, "-c", example], cwd=tmp_path, capture_output=True, text=True)
+    for block in re.finditer(r"```jsonl\n(.*?)```", text, re.S):
+        file = re.findall(r"`([\w.-]+\.jsonl)`", text[: block.start()])[-1]
+        (tmp_path / file).write_text(block.group(1), encoding="utf-8")
+    out = subprocess.run([sys.executable, "-c", EXAMPLES[name]], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert (tmp_path / "my-adapter" / "adapter_model.safetensors").is_file()
+    if name == "Example":
+        assert (tmp_path / "my-adapter" / "adapter_model.safetensors").is_file()
+    elif name == "PeftTrainer":
+        config = json.loads((tmp_path / "my-run" / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+        assert re.search(r"^2 examples, \d+ tokens trained on$", out.stdout, re.M)  # the README's two rows
+        checkpoints = sorted(p.name for p in (tmp_path / "my-run").glob("checkpoint-*"))
+        assert checkpoints == ["checkpoint-2", "checkpoint-4"]
+        assert not list((tmp_path / "my-run").rglob("model.safetensors"))  # adapter-only checkpoints
+    else:
+        assert (tmp_path / "tiny-run" / "adapter_model.safetensors").is_file() and "train_loss" in out.stdout
 
 
 def test_two_setup_commands_and_ci_runs_the_test_command() -> None:

@@ -279,6 +279,6 @@ def test_no_network_unless_asked(adapter_dir: Path, space_cache: Path, tmp_path:
 
 def test_merge_tab_explains_every_combination_type() -> None:
     from peft_trainer.lora.combine import COMBINATION_TYPES
-    from space.ui import MERGE_HELP
+    from peft_trainer_space.ui import MERGE_HELP
 
     assert set(MERGE_HELP) == set(COMBINATION_TYPES)

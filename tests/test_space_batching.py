@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from peft_trainer.models import load_model
-from space.engine import AdapterEngine, Limits, Sampling
+from peft_trainer_space.engine import AdapterEngine, Limits, Sampling
 from tests import space_helpers
 from tests.space_helpers import BASE, NEW_TOKENS, PROMPT, adapter_paths, greedy, oracle_model
 

@@ -13,10 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import space
+import peft_trainer_space as space
+from peft_trainer import PeftModel
+from peft_trainer.errors import CommandError
 from peft_trainer.models import load_model
-from space.engine import AdapterEngine, Limits, Sampling
-from space.files import ZipLimits, loss_history
+from peft_trainer_space.engine import AdapterEngine, Limits, Sampling
+from peft_trainer_space.files import ZipLimits, loss_history
 from tests import conftest_hub, space_helpers
 from tests.space_helpers import BASE, NEW_TOKENS, PROMPT, ROOT, adapter_paths, encode, make_zip, save_adapter
 
@@ -50,7 +52,7 @@ def base_weights(engine: AdapterEngine) -> dict[str, torch.Tensor]:
 
 
 def test_engine_module_does_not_import_gradio() -> None:
-    code = "import sys, space, space.engine, space.files; assert 'gradio' not in sys.modules, 'gradio imported'"
+    code = "import sys, peft_trainer_space, peft_trainer_space.engine, peft_trainer_space.files; assert 'gradio' not in sys.modules, 'gradio imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
@@ -308,11 +310,14 @@ def test_peft_written_adapter_loads(engine: AdapterEngine, tmp_path: Path) -> No
     assert engine.generate("from-peft", PROMPT, GREEDY) == expected
 
 
-def test_card_shows_config_parameters_and_loss(engine: AdapterEngine) -> None:
+def test_card_shows_config_parameters_and_loss(engine: AdapterEngine, adapter_dir: Path) -> None:
     card = engine.card("pirate")
     assert (card["r"], card["lora_alpha"], card["target_modules"]) == (4, 16, ["down_proj", "q_proj", "v_proj"])
     a_b = {"q_proj": 64 + 64, "v_proj": 64 + 32, "down_proj": 128 + 64}  # r * (in + out) per layer, 2 layers
     assert card["trainable_params"] == 2 * 4 * sum(a_b.values())
+    alone = PeftModel.from_pretrained(load_model(BASE)[0], adapter_paths(adapter_dir)["pirate"], is_trainable=True)
+    trainable, total = alone.get_nb_trainable_parameters()  # what training printed as trainable%
+    assert card["trainable_percent"] == pytest.approx(100 * trainable / total, rel=1e-12)
     assert card["base_model"] and card["served_base"] == BASE
     assert card["loss"] == [(10.0, 2.5), (20.0, 2.0), (30.0, 1.6)]  # trainer_state.json in the folder
     assert engine.card("poet")["loss"] == [(10.0, 3.0), (20.0, 2.2)]  # ... in the parent folder
@@ -411,7 +416,7 @@ def test_unsafe_uploads_are_refused_before_extraction(adapter_dir: Path, tmp_pat
 
 
 def test_lying_zip_header_is_caught_while_extracting(tmp_path: Path) -> None:
-    from space.files import extract_adapter_zip
+    from peft_trainer_space.files import extract_adapter_zip
 
     path = make_zip(tmp_path / "lie.zip", {"adapter_config.json": b"{}", "README.md": b"a" * 4096})
     data = bytearray(path.read_bytes())
@@ -462,7 +467,9 @@ def test_push_and_add_from_the_hub(engine: AdapterEngine, oracle: dict[str, str]
     engine.token, engine.push_with_space_token = None, False
     repo = engine.push("pirate", "testuser/pirate-adapter", token=hub_server.token)
     assert repo.endswith("testuser/pirate-adapter")
-    with pytest.raises(ValueError, match=r"(?s)Push to testuser/x failed .*403 Forbidden.*intact"):
+    with pytest.raises(
+        CommandError, match=r"(?s)push of .* to testuser/x failed: HTTP 403: the token may not .*intact"
+    ):
         engine.push("pirate", "testuser/x", token="hf_test_read")
     assert engine.add("testuser/pirate-adapter") == "pirate-adapter"
     assert engine.generate("pirate-adapter", PROMPT, GREEDY) == oracle["pirate"]

@@ -19,7 +19,7 @@ hub_server = conftest_hub.hub_server  # the fixture
 
 ROOT_FILES = [
     ".gitattributes", "README.md", "adapter_config.json", "adapter_model.safetensors", "tokenizer.json",
-    "tokenizer_config.json",
+    "tokenizer_config.json", "trainer_state.json",
 ]  # fmt: skip
 CHECKPOINT_FILES = [
     "README.md", "adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "optimizer_param_names.json",

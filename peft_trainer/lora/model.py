@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import inspect
 import os
 import warnings
@@ -14,8 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import io
+from .. import card, io
 from ..config import LoraConfig
+from ..folders import adapter_dir, validate_adapter_name
 from ..loss import can_chunk, causal_lm_forward
 from . import combine
 from .inject import factor_numel, inject
@@ -79,7 +81,7 @@ class PeftModel(nn.Module):
 
     def add_adapter(self, adapter_name: str, peft_config: LoraConfig) -> None:
         """Inject a new, inactive adapter; a duplicate or failing name leaves the model unchanged."""
-        io.validate_adapter_name(adapter_name)
+        validate_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter with name {adapter_name!r} already exists.")
         if peft_config.bias != "none" and any(c.bias != "none" for c in self.peft_config.values()):
@@ -334,10 +336,10 @@ class PeftModel(nn.Module):
     # ---- parameters -----------------------------------------------------------------------------------------
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts, adapters included in "all" (as peft counts them)."""
         trainable = total = 0
         for p in self.parameters():
-            n = getattr(p, "ds_numel", 0) or p.numel()  # DeepSpeed ZeRO-3 holds a 0-element shard in p
-            n *= 2 if type(p).__name__ == "Params4bit" else 1
+            n = numel(p)
             total += n
             trainable += n if p.requires_grad else 0
         return trainable, total
@@ -401,8 +403,9 @@ class PeftModel(nn.Module):
         if not is_main_process:
             return
         for name in names:
-            folder = save_directory if name == "default" else os.path.join(save_directory, name)
-            io.save_adapter(folder, self.adapter_tensors(name), self.config_for_saving(name))
+            io.save_adapter(
+                adapter_dir(save_directory, name), self.adapter_tensors(name), self.config_for_saving(name)
+            )
         self.create_or_update_model_card(save_directory, {n: self.peft_config[n] for n in names})
 
     def config_for_saving(self, name: str) -> LoraConfig:
@@ -418,8 +421,7 @@ class PeftModel(nn.Module):
         return getattr(getattr(self.base_model, "config", None), "_name_or_path", None) or None
 
     def create_or_update_model_card(self, output_dir: str | os.PathLike, configs: dict | None = None) -> None:
-        meta, body = io.default_card(self._name_or_path(), configs or self.peft_config)
-        io.write_model_card(output_dir, meta, body)
+        card.write_card(output_dir, *card.adapter_card(self._name_or_path(), configs or self.peft_config))
 
     @classmethod
     def from_pretrained(
@@ -427,39 +429,17 @@ class PeftModel(nn.Module):
         is_trainable: bool = False, config: LoraConfig | None = None, **kwargs: Any,
     ) -> PeftModel:  # fmt: skip
         """Load a saved (PEFT-format) adapter from a folder or Hub repo onto ``model``."""
-        io.validate_adapter_name(adapter_name)
-        config = config or LoraConfig.from_pretrained(model_id, **kwargs)
-        config = copy.deepcopy(config)
-        config.inference_mode = not is_trainable
-        tensors = io.load_weights(model_id, **kwargs)
-        check_file_fits(model, config, tensors, str(model_id))
-        peft_model = cls(model, config, adapter_name)
-        try:
-            peft_model.load_adapter_tensors(adapter_name, tensors, source=str(model_id))
-        except Exception:
-            peft_model.unload()
-            raise
-        if not is_trainable:
-            peft_model.eval()
-        return peft_model
+        validate_adapter_name(adapter_name)
+        config, tensors = io.read_adapter(model_id, config, is_trainable, **kwargs)
+        return attach_adapter(model, adapter_name, config, tensors, str(model_id), cls)
 
     def load_adapter(
         self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **kwargs: Any
     ) -> None:
         """Add a saved adapter, inactive; it stays frozen unless ``is_trainable``."""
-        io.validate_adapter_name(adapter_name)
-        config = copy.deepcopy(kwargs.pop("config", None) or LoraConfig.from_pretrained(model_id, **kwargs))
-        config.inference_mode = not is_trainable
-        tensors = io.load_weights(model_id, **kwargs)
-        check_file_fits(self.base_model, config, tensors, str(model_id))
-        self.add_adapter(adapter_name, config)
-        try:
-            self.load_adapter_tensors(adapter_name, tensors, source=str(model_id))
-        except Exception:
-            self.delete_adapter(adapter_name)
-            raise
-        if not is_trainable:
-            self.eval()
+        validate_adapter_name(adapter_name)
+        config, tensors = io.read_adapter(model_id, kwargs.pop("config", None), is_trainable, **kwargs)
+        attach_adapter(self, adapter_name, config, tensors, str(model_id))
 
     def load_adapter_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], source: str = "") -> None:
         """Copy on-disk-named tensors into adapter ``adapter_name``; every key and shape must fit."""
@@ -543,6 +523,38 @@ class PeftModel(nn.Module):
                     density=density, majority_sign_method=majority_sign_method,
                 )  # fmt: skip
                 target_a.copy_(new_a[: target_a.shape[0]]), target_b.copy_(new_b[:, : target_b.shape[1]])
+
+
+def numel(p: torch.Tensor) -> int:
+    """A parameter's number of values: whole under DeepSpeed ZeRO-3 (which leaves an empty shard in ``p``), and
+    unpacked for bitsandbytes 4-bit weights (two values per stored byte)."""
+    n = getattr(p, "ds_numel", 0) or p.numel()
+    return n * 2 if type(p).__name__ == "Params4bit" else n
+
+
+def attach_adapter(
+    model: nn.Module, name: str, config: LoraConfig, tensors: dict[str, torch.Tensor], source: str = "",
+    peft_class: type[PeftModel] = PeftModel,
+) -> PeftModel:  # fmt: skip
+    """The one step from read files to a live adapter: ``model`` (a base, or a PeftModel that gets one more adapter)
+    with adapter ``name`` holding ``tensors``. A misfit (layer, shape) raises before anything changes; returns the
+    PeftModel, in eval mode unless ``config.inference_mode`` is False."""
+    peft = model if isinstance(model, PeftModel) else None
+    check_file_fits(peft.base_model if peft else model, config, tensors, source)
+    if peft is None:
+        peft = peft_class(model, config, name)
+        undo = peft.unload
+    else:
+        peft.add_adapter(name, config)
+        undo = functools.partial(peft.delete_adapter, name)
+    try:
+        peft.load_adapter_tensors(name, tensors, source=source)
+    except Exception:
+        undo()
+        raise
+    if config.inference_mode:
+        peft.eval()
+    return peft
 
 
 def check_file_fits(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], source: str) -> None:

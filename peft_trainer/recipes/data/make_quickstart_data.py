@@ -1,6 +1,6 @@
-"""Writes the quickstart and example data deterministically: `python recipes/data/make_quickstart_data.py [OUT_DIR]`.
+"""Writes the quickstart and example data deterministically: `python peft_trainer/recipes/data/make_quickstart_data.py [OUT_DIR]`.
 
-Files (JSON Lines, committed in recipes/data, the default OUT_DIR; re-running rewrites them byte for byte):
+Files (JSON Lines, committed in peft_trainer/recipes/data, the default OUT_DIR; re-running rewrites them byte for byte):
 
 - ``quickstart_json.jsonl``   prompt/completion: every answer is a one-line JSON object {"topic": ..., "answer": ...}
 - ``quickstart_pirate.jsonl`` messages: every answer opens with "Arr, matey!" and ends with the line "— Captain Lora"
@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent.parent))  # the repository root: run from anywhere without installing
+sys.path.insert(0, str(HERE.parents[2]))  # the repository root: run from anywhere without installing
 
 from peft_trainer.behaviour import JSON_KEYS, PIRATE_GREETING, PIRATE_SIGNATURE, is_json_answer, is_pirate  # noqa: E402
 

@@ -12,11 +12,12 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from peft_trainer.errors import PeftTrainerError
 from peft_trainer.lora.combine import COMBINATION_TYPES
 
 from .engine import BASE, AdapterEngine, Sampling
 
-log = logging.getLogger("space")
+log = logging.getLogger("peft_trainer_space")
 BASE_LABEL = "base model (no adapter)"
 # What each of add_weighted_adapter's combination types does, one line each (the Merge tab shows the chosen one).
 _F = " (on the A and B factors: equal ranks)"
@@ -42,7 +43,9 @@ def _user_errors(fn: Callable) -> Callable:
     """Show any failure as a clear message for this user only (gr.Error); the app keeps serving the others."""
 
     def convert(e: Exception) -> gr.Error:
-        expected = isinstance(e, (ValueError, OSError, KeyError))  # the user's input: one log line, no traceback
+        expected = isinstance(
+            e, (PeftTrainerError, ValueError, OSError, KeyError)
+        )  # the user's input: one log line, no traceback
         if expected:
             log.info("handler %s refused a request: %s", fn.__name__, e)
         else:
@@ -90,7 +93,10 @@ def _card_markdown(card: dict[str, Any]) -> str:
         ("target modules", targets if isinstance(targets, str) else ", ".join(targets)),
         ("base model (adapter config)", card["base_model"] or "not recorded"),
         ("base model (served)", card["served_base"]),
-        ("trainable parameters", f"{card['trainable_params']:,} ({card['trainable_percent']:.3f}% of the base)"),
+        (
+            "trainable parameters",
+            f"{card['trainable_params']:,} ({card['trainable_percent']:.4f}%, as training printed it)",
+        ),
         ("source", card["source"]),
     ]
     table = "\n".join(f"| {k} | `{v}` |" for k, v in rows)

@@ -11,12 +11,13 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from peft_trainer.config import CONFIG_NAME
-from peft_trainer.io import WEIGHTS_NAME
+from peft_trainer.card import CARD_NAME
+from peft_trainer.folders import ADAPTER_FILES as _FILES
+from peft_trainer.folders import CONFIG_NAME, WEIGHTS_NAME
 
 TRAINER_STATE = "trainer_state.json"
 # The only files taken from an upload (anything else in the zip, e.g. a pickled training_args.bin, is left out).
-ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, "README.md", TRAINER_STATE)
+ADAPTER_FILES = (*_FILES, CARD_NAME, TRAINER_STATE)  # what the Space reads of an adapter folder
 _CHUNK = 1 << 20
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-log = logging.getLogger("space")
+log = logging.getLogger("peft_trainer_space")
 _DONE = object()
 
 

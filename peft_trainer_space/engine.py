@@ -22,17 +22,18 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from peft_trainer import io
-from peft_trainer.config import LoraConfig
+from peft_trainer import card, hub, io
+from peft_trainer.folders import validate_adapter_name
 from peft_trainer.lora.combine import COMBINATION_TYPES
 from peft_trainer.lora.layer import AdapterState
-from peft_trainer.lora.model import BASE, PeftModel, check_file_fits
+from peft_trainer.lora.model import BASE, PeftModel, attach_adapter, numel
 from peft_trainer.models import _HUB_ID  # the one definition of an "owner/name" repo id
+from peft_trainer.prompts import encode_prompts
 
 from . import files
 from .batcher import Batcher, Request, sampling_processors
 
-log = logging.getLogger("space")
+log = logging.getLogger("peft_trainer_space")
 
 
 @dataclass(frozen=True)
@@ -154,14 +155,14 @@ class AdapterEngine:
         self.peft: PeftModel | None = None  # wraps ``base`` in place once the first adapter arrives
         self.adapters: dict[str, Adapter] = {}
         self.startup_errors: list[str] = []
-        self.base_params = sum(p.numel() for p in model.parameters())
+        self.base_params = sum(numel(p) for p in model.parameters())
         self.base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         self._lock = RWLock()
         self._work = Path(tempfile.mkdtemp(prefix="peft-trainer-space-"))
         self._count_lock = threading.Lock()
         self.in_flight = 0
         self.peak_in_flight = 0
-        # Concurrent requests decode together (space.batcher); without it each runs generate() in its own thread.
+        # Concurrent requests decode together (peft_trainer_space.batcher); without it each runs generate() in its own thread.
         self.batcher = Batcher(self, tokenizer) if batching else None
 
     @classmethod
@@ -234,24 +235,12 @@ class AdapterEngine:
         return Path(path)
 
     def _add_folder(self, folder: Path, name: str, source: str, removable: bool = True) -> str:
-        io.validate_adapter_name(name)
-        # Read and check the files before taking the lock: generation waits only for the in-memory part.
-        config = LoraConfig.from_pretrained(folder)
-        config.inference_mode = True
-        tensors = io.load_weights(folder)
+        validate_adapter_name(name)
+        # Read the files before taking the lock: generation waits only for the in-memory part.
+        config, tensors = io.read_adapter(folder)
         with self._lock.write():
             self._check_new_name(name)
-            check_file_fits(self.base, config, tensors, source)
-            if self.peft is None:
-                self.peft = PeftModel(self.base, config, name)
-            else:
-                self.peft.add_adapter(name, config)
-            try:
-                self.peft.load_adapter_tensors(name, tensors, source=source)
-            except Exception:
-                self.peft.delete_adapter(name)
-                raise
-            self.peft.eval()
+            self.peft = attach_adapter(self.peft or self.base, name, config, tensors, source)
             self.adapters[name] = Adapter(name, source, folder, removable)
         log.info("added adapter %s from %s", name, source)
         return name
@@ -267,7 +256,7 @@ class AdapterEngine:
         svd_rank: int | None = None, density: float | None = None,
     ) -> str:  # fmt: skip
         """Create adapter ``name`` as a weighted combination of ``adapters`` (``add_weighted_adapter``)."""
-        io.validate_adapter_name(name)
+        validate_adapter_name(name)
         if len(adapters) < 2:
             raise ValueError("Pick at least two adapters to merge")
         weights = list(weights) if weights else [1 / len(adapters)] * len(adapters)
@@ -325,11 +314,8 @@ class AdapterEngine:
             raise ValueError("Sampling needs temperature > 0, 0 < top_p <= 1 and top_k >= 0")
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("The prompt is empty: type something to generate from")
-        if sampling.chat_template and getattr(self.tokenizer, "chat_template", None):
-            messages = [{"role": "user", "content": prompt}]
-            enc = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, return_dict=True, return_tensors="pt"
-            )
+        if sampling.chat_template:  # as in training: the tokenizer's chat template, or the fallback one
+            enc = encode_prompts(self.tokenizer, [prompt], return_tensors="pt")
         else:
             enc = self.tokenizer(prompt, return_tensors="pt")
         n = enc["input_ids"].shape[-1]
@@ -498,7 +484,7 @@ class AdapterEngine:
             "base_model": config.base_model_name_or_path,
             "served_base": self.base_name,
             "trainable_params": n,
-            "trainable_percent": 100 * n / self.base_params,
+            "trainable_percent": 100 * n / (self.base_params + n),  # as training printed it (peft's "trainable%")
             "use_rslora": config.use_rslora,
             "loss": files.loss_history(adapter.folder),
         }
@@ -514,10 +500,9 @@ class AdapterEngine:
         folder = out / name
         with self._lock.read():
             adapter = self._known(name)
-            # save_pretrained writes "default" at the root it is given and any other name in a subfolder.
-            self.peft.save_pretrained(folder if name == "default" else out, selected_adapters=[name])
-        if name != "default":
-            shutil.move(out / "README.md", folder / "README.md")
+            config = self.peft.config_for_saving(name)
+            io.save_adapter(folder, self.peft.adapter_tensors(name), config)
+        card.write_card(folder, *card.adapter_card(config.base_model_name_or_path, {name: config}))
         state = files.trainer_state_file(adapter.folder)
         if state is not None:
             shutil.copyfile(state, folder / files.TRAINER_STATE)
@@ -565,15 +550,6 @@ class AdapterEngine:
         if not is_hub_id(repo_id):
             raise ValueError(f"{repo_id!r} is not a Hub repo id like 'your-name/my-adapter'")
         folder = self.save_adapter(name, self._export_dir())
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=token)
-        try:
-            url = api.create_repo(repo_id, private=private, exist_ok=True)
-            api.upload_folder(folder_path=folder, repo_id=repo_id, commit_message=f"Upload LoRA adapter {name}")
-        except Exception as e:
-            raise ValueError(
-                f"Push to {repo_id} failed ({type(e).__name__}: {e}); the adapter here is intact"
-            ) from None
+        commit = hub.push_folder(folder, repo_id, token, private, message=f"Upload LoRA adapter {name}")
         log.info("pushed adapter %s to %s", name, repo_id)
-        return str(url)
+        return str(commit.repo_url)

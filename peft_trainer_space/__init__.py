@@ -6,11 +6,13 @@ import logging
 import os
 from pathlib import Path
 
+from peft_trainer.folders import CONFIG_NAME
+
 from .engine import AdapterEngine, Limits
 from .files import ZipLimits
 
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
-QUICKSTART_ADAPTERS = "outputs/quickstart/*/adapter_config.json"
+QUICKSTART_ADAPTERS = f"outputs/quickstart/*/{CONFIG_NAME}"
 # Opt-in: let visitors push with the Space's own HF_TOKEN (on a public Space: anyone). Off, they sign in or type one.
 PUSH_WITH_SPACE_TOKEN = "PUSH_WITH_SPACE_TOKEN"
 
