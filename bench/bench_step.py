@@ -1,6 +1,7 @@
 """LoRA training step (forward + backward + AdamW): ours vs peft vs the frozen-base limit vs full fine-tuning.
 
     python bench/bench_step.py [--quick] [--model smollm2|tiny|llama1b] [--device cpu|cuda] [--bf16]
+                               [--variants ours,peft,frozen,full]   (ours-dora, peft-dora: the same with DoRA)
 
 Each (model, shape, dropout, variant) runs in its own process; medians of the timed steps and the peak memory of
 the training phase (RSS; on CUDA, allocated GPU memory) are printed as a table with ratios. ``--bf16`` runs the
@@ -25,8 +26,8 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def build(case: dict):
     model = base_model(case["model"], case["device"])
     model.config.use_cache = False
-    variant = case["variant"]
-    kwargs = dict(r=16, lora_alpha=32, lora_dropout=case["dropout"], target_modules=TARGETS)
+    variant, dora = case["variant"].removesuffix("-dora"), case["variant"].endswith("-dora")
+    kwargs = dict(r=16, lora_alpha=32, lora_dropout=case["dropout"], target_modules=TARGETS, use_dora=dora)
     if variant in ("ours", "ours-logits"):
         from peft_trainer import LoraConfig, get_peft_model
 
@@ -91,8 +92,10 @@ def main() -> None:
         shapes.append((int(batch), int(seq), float(dropout)))
     variants = args.variants.split(",")
     memory = "GPU MiB" if args.device.startswith("cuda") else "RSS MiB"
-    head = ["model", "batch x seq", "dropout"] + [f"{v} step s" for v in variants] + ["ours/peft", "ours/frozen"]
-    head += [f"{v} {memory}" for v in variants] + ["ours/peft memory", "ours/frozen memory"]
+    pairs = [("ours", "peft"), ("ours", "frozen"), ("ours-dora", "peft-dora"), ("ours-dora", "ours")]
+    pairs = [(a, b) for a, b in pairs if a in variants and b in variants]
+    head = ["model", "batch x seq", "dropout"] + [f"{v} step s" for v in variants] + [f"{a}/{b}" for a, b in pairs]
+    head += [f"{v} {memory}" for v in variants] + [f"{a}/{b} memory" for a, b in pairs]
     print(f"{model} on {args.device}{', bf16 autocast' if args.bf16 else ''}")
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head), flush=True)
     for b, s, p in shapes:
@@ -101,12 +104,9 @@ def main() -> None:
         step = {v: res[v]["median_s"] for v in variants}
         mem = {v: res[v].get("peak_gpu_mib", res[v]["peak_rss_mib"]) for v in variants}
 
-        def ratio(d: dict, a: str, b: str) -> str:
-            return f"{d[a] / d[b]:.2f}" if a in d and b in d else "-"
-
         row = [model, f"{b}x{s}", str(p)] + [f"{step[v]:.3f}" for v in variants]
-        row += [ratio(step, "ours", "peft"), ratio(step, "ours", "frozen")] + [f"{mem[v]:.0f}" for v in variants]
-        row += [ratio(mem, "ours", "peft"), ratio(mem, "ours", "frozen")]
+        row += [f"{step[x] / step[y]:.2f}" for x, y in pairs] + [f"{mem[v]:.0f}" for v in variants]
+        row += [f"{mem[x] / mem[y]:.2f}" for x, y in pairs]
         print("| " + " | ".join(row) + " |", flush=True)
 
 

@@ -51,6 +51,14 @@ class PeftTrainingArguments(TrainingArguments):
     )
     lora_bias: str = field(default="none", metadata={"help": "Which base biases train: 'none', 'all', 'lora_only'."})
     use_rslora: bool = field(default=False, metadata={"help": "Scale by alpha/sqrt(r) (rsLoRA) instead of alpha/r."})
+    use_dora: bool = field(
+        default=False,
+        metadata={"help": "DoRA: also learn a magnitude per output feature (peft's use_dora); slower than LoRA."},
+    )
+    lora_b_bias: bool = field(
+        default=False,
+        metadata={"help": "peft's lora_bias=True: lora_B gets a trainable bias (merging needs a base bias)."},
+    )
     init_lora_weights: str = field(
         default="true", metadata={"help": "'true' (B=0, Kaiming A), 'gaussian' or 'false' (random, not a no-op)."}
     )
@@ -120,8 +128,12 @@ class PeftTrainingArguments(TrainingArguments):
         if not targets or (not isinstance(targets, str) and not all(isinstance(t, str) and t for t in targets)):
             p.append(f"lora_target_modules={targets!r}: name at least one module, or use 'all-linear'")
         if self.lora_bias not in _BIASES:
-            hint = " (PEFT's boolean lora_bias is not implemented)" if isinstance(self.lora_bias, bool) else ""
+            hint = (
+                " (PEFT's boolean lora_bias is the field lora_b_bias here)" if isinstance(self.lora_bias, bool) else ""
+            )
             p.append(f"lora_bias={self.lora_bias!r}: use one of {', '.join(_BIASES)}{hint}")
+        if self.use_dora is True and self.lora_b_bias is True:
+            p.append("use_dora and lora_b_bias are both true: DoRA has no lora_B bias (as in peft); drop one")
         if parse_init(self.init_lora_weights) not in (True, False, "gaussian"):
             p.append(f"init_lora_weights={self.init_lora_weights!r}: use 'true', 'false' or 'gaussian'")
         try:
@@ -153,6 +165,8 @@ class PeftTrainingArguments(TrainingArguments):
             modules_to_save=self.lora_modules_to_save,
             bias=self.lora_bias,
             use_rslora=self.use_rslora,
+            use_dora=self.use_dora,
+            lora_bias=self.lora_b_bias,
             init_lora_weights=parse_init(self.init_lora_weights),
             task_type=task_type,
             base_model_name_or_path=self.base_model_name_or_path,

@@ -26,14 +26,12 @@ _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     "kasa_config": None,
     "layer_replication": None,
     "loftq_config": {},
-    "lora_bias": False,
     "lora_ga_config": None,
     "megatron_config": None,
     "monteclora_config": None,
     "target_parameters": None,
     "trainable_token_indices": None,
     "use_bdlora": None,
-    "use_dora": False,
     "use_qalora": False,
     "velora_config": None,
 }
@@ -82,6 +80,8 @@ class LoraConfig(PeftConfig):
     exclude_modules: list[str] | str | None = None
     bias: str = "none"
     use_rslora: bool = False
+    use_dora: bool = False
+    lora_bias: bool = False
     modules_to_save: list[str] | None = None
     fan_in_fan_out: bool = False
     init_lora_weights: bool | str = True
@@ -128,7 +128,9 @@ class LoraConfig(PeftConfig):
             )
         if self.task_type is not None and self.task_type not in TASK_TYPES:
             problems.append(f"task_type={self.task_type!r}: use one of {', '.join(TASK_TYPES)} or null")
-        for name in ("use_rslora", "fan_in_fan_out", "inference_mode"):
+        if self.use_dora is True and self.lora_bias is True:
+            problems.append("use_dora and lora_bias are both true: DoRA has no lora_bias (as in peft); drop one")
+        for name in ("use_rslora", "use_dora", "lora_bias", "fan_in_fan_out", "inference_mode"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name}={getattr(self, name)!r}: must be true or false")
         for name in ("target_modules", "exclude_modules", "layers_pattern"):

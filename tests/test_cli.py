@@ -86,6 +86,8 @@ def test_every_recipe_parses_and_its_files_exist(path: Path) -> None:
         assert recipe.training.lora_modules_to_save == ["classifier"]
     if "qlora" in path.name:
         assert recipe.training.load_in_4bit and recipe.training.bnb_4bit_quant_type == "nf4"
+    if "dora-" in path.name:
+        assert recipe.training.to_lora_config().use_dora
 
 
 def test_shipped_recipes_are_found_by_name_from_any_folder(tmp_path: Path, monkeypatch, capsys) -> None:
@@ -97,7 +99,7 @@ def test_shipped_recipes_are_found_by_name_from_any_folder(tmp_path: Path, monke
         parse_recipe("quickstart-pirat")
     assert (
         main(["train", "quickstart-pirat"]) == 2
-        and "shipped recipes: minilm-sentiment, qlora-smollm2" in capsys.readouterr().err
+        and "shipped recipes: dora-smollm2, minilm-sentiment, qlora-smollm2" in capsys.readouterr().err
     )
     pyproject = (ROOT / "pyproject.toml").read_text()  # and they go into the wheel with the package
     assert all(f'"recipes/{pattern}"' in pyproject for pattern in ("*.yaml", "accelerate/*.yaml", "data/*.jsonl"))

@@ -149,8 +149,8 @@ def test_missing_and_truncated_weights_are_clear_errors(tmp_path):
 
 @pytest.mark.parametrize(
     "field,value",
-    [("use_dora", True), ("peft_type", "IA3"), ("init_lora_weights", "pissa"), ("lora_bias", True),
-     ("layer_replication", [[0, 1]]), ("r", "eight")],
+    [("target_parameters", ["experts"]), ("peft_type", "IA3"), ("init_lora_weights", "pissa"),
+     ("trainable_token_indices", [1, 2]), ("layer_replication", [[0, 1]]), ("r", "eight")],
 )  # fmt: skip
 def test_config_asking_for_unimplemented_features_names_the_field(tmp_path, field, value):
     get_peft_model(tiny_llama(), LoraConfig(**QV)).save_pretrained(tmp_path)

@@ -10,6 +10,7 @@ import peft.utils.hotswap
 import pytest
 import torch
 from peft.optimizers import create_loraplus_optimizer as peft_loraplus
+from safetensors.torch import load_file
 from torch import nn
 from transformers import LlamaForCausalLM, Trainer, TrainingArguments, set_seed
 
@@ -198,3 +199,32 @@ def test_auto_peft_model_finds_an_embedded_base_by_its_hub_id(tmp_path, monkeypa
     ids = torch.tensor([[101, 7592, 2088, 102]])
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).last_hidden_state, trained(input_ids=ids).last_hidden_state)
+
+
+def test_resized_vocabulary_saves_the_embedding_matrices_as_peft_does(tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    tiny_llama().save_pretrained(tmp_path / "base")  # config.json says vocab_size 100
+
+    def resized():
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+        model.resize_token_embeddings(104)  # e.g. four new special tokens
+        return model
+
+    config = dict(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False)
+    mine = ours.get_peft_model(resized(), ours.LoraConfig(**config))
+    with torch.no_grad():
+        mine.get_base_model().get_input_embeddings().weight[100:] = 0.5  # the new rows were trained
+    mine.save_pretrained(tmp_path / "ours")
+    theirs = peft.get_peft_model(resized(), peft.LoraConfig(**config))
+    theirs.save_pretrained(tmp_path / "theirs")
+    keys = [set(load_file(tmp_path / d / "adapter_model.safetensors")) for d in ("ours", "theirs")]
+    assert keys[0] == keys[1] and "base_model.model.model.embed_tokens.weight" in keys[0]
+
+    fresh = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    with pytest.raises(ValueError, match=r"resize_token_embeddings\(104\)"):
+        ours.PeftModel.from_pretrained(fresh, tmp_path / "ours")
+    ids = torch.tensor([[1, 101, 102, 5]])
+    loaded = [m.eval()(ids).logits for m in (ours.PeftModel.from_pretrained(resized(), tmp_path / "ours"),
+                                             peft.PeftModel.from_pretrained(resized(), tmp_path / "ours"))]  # fmt: skip
+    assert torch.allclose(loaded[0], loaded[1], atol=1e-5) and torch.allclose(loaded[0], mine.eval()(ids).logits)

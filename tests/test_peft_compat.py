@@ -72,9 +72,7 @@ def test_ours_load_in_peft_with_same_logits(case, tmp_path, inputs):
 def test_same_keys_shapes_and_config_as_peft(case, tmp_path):
     arch, kwargs = CASES[case]
     get_peft_model(MODELS[arch](), LoraConfig(**kwargs)).save_pretrained(tmp_path / "ours")
-    peft.get_peft_model(MODELS[arch](), peft.LoraConfig(**kwargs)).save_pretrained(
-        tmp_path / "theirs", save_embedding_layers=False
-    )
+    peft.get_peft_model(MODELS[arch](), peft.LoraConfig(**kwargs)).save_pretrained(tmp_path / "theirs")
     ours, ours_meta = _tensors(tmp_path / "ours" / "adapter_model.safetensors")
     theirs, theirs_meta = _tensors(tmp_path / "theirs" / "adapter_model.safetensors")
     # peft quirk with bias="all" + modules_to_save: it also writes wrapper-internal bias copies, ignored on load

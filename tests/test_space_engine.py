@@ -294,13 +294,18 @@ def test_startup_adapters_stay_runtime_ones_can_go(engine: AdapterEngine, adapte
     assert engine.names() == ["pirate", "poet"]
 
 
-def test_peft_written_adapter_loads(engine: AdapterEngine, tmp_path: Path) -> None:
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+def test_peft_written_adapter_loads(engine: AdapterEngine, tmp_path: Path, variant: str) -> None:
     import peft
 
     model, tokenizer = load_model(BASE)
     torch.manual_seed(11)
     theirs = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "o_proj"],
-                                                        init_lora_weights=False))  # fmt: skip
+                                                        init_lora_weights=False, use_dora=variant == "dora"))  # fmt: skip
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1.5)  # a DoRA magnitude away from its initial value
     theirs.save_pretrained(tmp_path / "from-peft")
     inputs = encode(tokenizer, PROMPT)
     with torch.no_grad():

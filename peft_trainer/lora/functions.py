@@ -35,6 +35,12 @@ def _as_factor(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return keep.view(torch.uint8).to(dtype)
 
 
+def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Inverted dropout of ``x`` with the masks of :func:`keep_mask` (autograd passes through the product)."""
+    keep, keep_scale = keep_mask(x.shape, p, x.device)
+    return x * _as_factor(keep, x.dtype).mul_(keep_scale)
+
+
 def _down(flat: torch.Tensor, a: torch.Tensor, scaling: float, p: float):
     """The rank-r activations ``h = s · dropout(x) Aᵀ`` (N, r), the keep-mask (None without dropout) and s."""
     keep, keep_scale = keep_mask(flat.shape, p, flat.device) if p > 0 else (None, 1.0)

@@ -210,6 +210,10 @@ def inject(model: nn.Module, config: LoraConfig, name: str, state: AdapterState)
         module = model.get_submodule(key)
         if isinstance(module, LoraLayer) and name in module.r:
             raise ValueError(f"Module {key} already has a LoRA adapter named {name!r}; use another adapter name")
+        if config.lora_bias and isinstance(module, (nn.Embedding, Embedding)):
+            raise ValueError(
+                f"lora_bias=True is not supported for embedding layers ({key}): target linear layers only"
+            )
         if not is_supported(module):
             raise ValueError(
                 f"Target module {key} ({type(module).__name__}) is not supported; LoRA here adapts "
@@ -232,7 +236,10 @@ def inject(model: nn.Module, config: LoraConfig, name: str, state: AdapterState)
             _set_module(model, key, module)
         r = pattern_value(config.rank_pattern, key, config.r)
         alpha = pattern_value(config.alpha_pattern, key, config.lora_alpha)
-        module.update_layer(name, r, alpha, config.lora_dropout, config.init_lora_weights, config.use_rslora)
+        module.update_layer(
+            name, r, alpha, config.lora_dropout, config.init_lora_weights, config.use_rslora,
+            lora_bias=config.lora_bias, use_dora=config.use_dora,
+        )  # fmt: skip
         touched.append(module)
     for key, module in list(candidate_modules(model)):
         if any(key.endswith(m) for m in config.modules_to_save or []):

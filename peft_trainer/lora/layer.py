@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .functions import LoraBranch, LoraLinear
+from .functions import dropout as fast_dropout
 from .quant import is_quantized_weight, read_weight, write_weight
 
 
@@ -70,6 +71,10 @@ class LoraLayer(nn.Module):
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
+        # DoRA: per adapter, the learned magnitude of each output feature (its weight-norm direction is W + ΔW)
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self._merge_norms: dict[str, torch.Tensor] = {}  # DoRA: ‖W + ΔW‖ at merge time, for unmerge
+        self._norm_cache: dict[str, tuple[tuple, torch.Tensor]] = {}  # DoRA: ‖W + ΔW‖ while nothing changes
         object.__setattr__(self, "state", state)  # shared, not a submodule
 
     @property
@@ -96,34 +101,142 @@ class LoraLayer(nn.Module):
         """ΔW for adapter ``name`` in the base weight's layout, in float32."""
         raise NotImplementedError
 
+    # DoRA: the norm of W + ΔW is taken over the input features of each output feature. ``_norm_dim`` is the
+    # dimension of the base weight (in its own layout) that holds the input features.
+    _norm_dim = 1
+
+    def _factor_view(self, v: torch.Tensor) -> torch.Tensor:
+        """A per-output-feature vector shaped to scale the base weight in its own layout."""
+        return v.view(-1, 1) if self._norm_dim == 1 else v.view(1, -1)
+
+    def weight_norm(self, name: str, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """DoRA's ‖W + ΔW‖ per output feature (detached, float32), for ``weight`` (default: the base weight).
+
+        For the base weight it is expanded, ‖W‖² + 2s·⟨W, BA⟩ + s²‖BA‖² per row, so that no (out, in) matrix is
+        built at each step; ‖W‖² is cached while the base weight stays the same tensor. Inference (no grad, eval
+        mode) caches the whole norm while the factors stay the same tensors at the same version; a forward with
+        grad or a switch to train mode drops that (optimizers such as fused AdamW update in place without bumping
+        versions)."""
+        if weight is not None:
+            with torch.no_grad():
+                return torch.linalg.norm(
+                    weight.float() + self.delta_weight(name).to(weight.device), dim=self._norm_dim
+                )
+        inference = not (torch.is_grad_enabled() or self.training)
+        key = tuple((t.data_ptr(), t._version) for t in self._factor_tensors(name))
+        cached = self._norm_cache.get(name)
+        if inference and cached is not None and cached[0] == key:
+            return cached[1]
+        with torch.no_grad():
+            weight = read_weight(self.base_layer).float()
+            rows = weight if self._norm_dim == 1 else weight.T  # (out, in)
+            base_key = (self.base_layer.weight.data_ptr(), self.base_layer.weight._version)
+            squares = self._norm_cache.get("__base__")
+            if squares is None or squares[0] != base_key:
+                squares = self._norm_cache["__base__"] = (base_key, rows.square().sum(1))
+            a, b = (t.float() for t in self._factor_tensors(name))  # (r, in), (out, r)
+            s = self.scaling[name]
+            cross = ((rows @ a.T) * b).sum(1)  # ⟨W_i, (BA)_i⟩
+            own = ((b @ (a @ a.T)) * b).sum(1)  # ‖(BA)_i‖²
+            norm = (squares[1] + 2 * s * cross + s * s * own).clamp_min(0).sqrt()
+        if inference:
+            self._norm_cache[name] = (key, norm)
+        return norm
+
+    def train(self, mode: bool = True) -> LoraLayer:
+        if mode:  # keeps ‖W‖² (the base is frozen)
+            self._norm_cache = {k: v for k, v in self._norm_cache.items() if k == "__base__"}
+        return super().train(mode)
+
+    def _dora_scale(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """``magnitude / ‖W + ΔW‖`` (out,), the norm treated as a constant (DoRA paper, section 4.3)."""
+        magnitude = self.lora_magnitude_vector[name]
+        return (magnitude / self.weight_norm(name).to(magnitude.dtype)).to(dtype)
+
+    def _factor_tensors(self, name: str) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def _merged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` (float32, the base's layout) with adapter ``name`` merged in: W + ΔW, or for DoRA
+        m / ‖W + ΔW‖ · (W + ΔW) (the norm is kept for :meth:`unmerge`)."""
+        delta = self.delta_weight(name).to(weight.device)
+        if name not in self.lora_magnitude_vector:
+            return weight + delta
+        norm = self.weight_norm(name, weight)
+        self._merge_norms[name] = norm
+        factor = self.lora_magnitude_vector[name].detach().float().to(weight.device) / norm
+        return self._factor_view(factor) * (weight + delta)
+
+    def _unmerged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        delta = self.delta_weight(name).to(weight.device)
+        if name not in self.lora_magnitude_vector:
+            return weight - delta
+        factor = self.lora_magnitude_vector[name].detach().float().to(weight.device) / self._merge_norms.pop(name)
+        return weight / self._factor_view(factor) - delta
+
+    def _bias_delta(self, name: str) -> torch.Tensor | None:
+        return None
+
     def merge(self, names: list[str], safe_merge: bool = False) -> None:
-        """Add each adapter's ΔW into the base weight; with ``safe_merge`` check finiteness on a copy first."""
+        """Merge each adapter into the base weight (and bias, for ``lora_bias``), in order; with ``safe_merge``
+        check finiteness first, on copies."""
         names = [n for n in names if n in self.r]
         if not names:
             return
-        weight = read_weight(self.base_layer)
-        merged = weight.float() + sum(self.delta_weight(n).to(weight.device) for n in names)
-        if safe_merge and not torch.isfinite(merged).all():
+        weight = read_weight(self.base_layer).float().clone()
+        bias_deltas = [d for d in (self._bias_delta(n) for n in names) if d is not None]
+        base_bias = getattr(self.base_layer, "bias", None)
+        if bias_deltas and base_bias is None:
+            raise ValueError(
+                f"Impossible to merge adapter(s) {', '.join(names)} with lora_bias=True: the base layer "
+                f"({type(self.base_layer).__name__}) has no bias to merge it into"
+            )
+        for name in names:
+            weight = self._merged_weight(name, weight)
+        bias = base_bias.detach().float() + sum(bias_deltas) if bias_deltas else None
+        if safe_merge and not (torch.isfinite(weight).all() and (bias is None or torch.isfinite(bias).all())):
+            for name in names:
+                self._merge_norms.pop(name, None)
             raise ValueError(
                 f"NaNs detected in the merged weights. The adapter {', '.join(names)} seems to be broken "
                 "(the base weights were left untouched)"
             )
-        write_weight(self.base_layer, merged)
+        write_weight(self.base_layer, weight)
+        self._norm_cache.clear()
+        if bias is not None:
+            base_bias.data.copy_(bias.to(base_bias.dtype))
 
     def unmerge(self, names: list[str]) -> None:
         names = [n for n in names if n in self.r]
         if not names:
             return
-        weight = read_weight(self.base_layer)
-        restored = weight.float() - sum(self.delta_weight(n).to(weight.device) for n in names)
-        write_weight(self.base_layer, restored)
+        weight = read_weight(self.base_layer).float().clone()
+        for name in reversed(names):
+            weight = self._unmerged_weight(name, weight)
+        write_weight(self.base_layer, weight)
+        self._norm_cache.clear()
+        bias_deltas = [d for d in (self._bias_delta(n) for n in names) if d is not None]
+        if bias_deltas:
+            bias = self.base_layer.bias
+            bias.data.copy_((bias.detach().float() - sum(bias_deltas)).to(bias.dtype))
+
+    def add_output(self, name: str, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``result`` (the base output so far) with adapter ``name``'s contribution for input ``x``."""
+        return result + self.lora_delta(name, x)
 
     def delete_adapter(self, name: str) -> None:
-        for attr in ("lora_A", "lora_B", "lora_dropout", "lora_embedding_A", "lora_embedding_B"):
+        for attr in (
+            "lora_A",
+            "lora_B",
+            "lora_dropout",
+            "lora_embedding_A",
+            "lora_embedding_B",
+            "lora_magnitude_vector",
+        ):
             container = getattr(self, attr, None)
             if container is not None and name in container:
                 del container[name]
-        for d in (self.r, self.lora_alpha, self.scaling):
+        for d in (self.r, self.lora_alpha, self.scaling, self._merge_norms, self._norm_cache):
             d.pop(name, None)
 
     def set_trainable(self, name: str, trainable: bool) -> None:
@@ -137,12 +250,15 @@ class LoraLayer(nn.Module):
 class Linear(LoraLayer):
     """LoRA around ``nn.Linear`` (also bitsandbytes 4/8-bit) or transformers' ``Conv1D`` (``fan_in_fan_out``).
 
-    Forward: ``y = base(x) + s · B(A(dropout(x)))`` with A ``(r, in)``, B ``(out, r)``, s = alpha/r (or alpha/√r).
+    Forward: ``y = base(x) + s · B(A(dropout(x)))`` with A ``(r, in)``, B ``(out, r)``, s = alpha/r (or alpha/√r);
+    with ``lora_bias`` B has a bias too. DoRA: ``y = m / ‖W + s·BA‖ · (W x + s · B(A(x))) + bias``, the norm per
+    output feature and detached (``weight_norm``), the magnitude m ``(out,)`` learned.
     """
 
     def __init__(self, base_layer: nn.Module, state: AdapterState, fan_in_fan_out: bool = False) -> None:
         super().__init__(base_layer, state)
         self.fan_in_fan_out = fan_in_fan_out
+        self._norm_dim = 0 if fan_in_fan_out else 1  # Conv1D weights are (in, out)
         if fan_in_fan_out:  # transformers Conv1D: weight (in, out)
             self.in_features, self.out_features = base_layer.weight.shape
         else:
@@ -151,37 +267,77 @@ class Linear(LoraLayer):
         self.lora_B = nn.ModuleDict()
 
     def update_layer(
-        self, name: str, r: int, alpha: float, dropout: float, init: bool | str, use_rslora: bool
-    ) -> None:
+        self, name: str, r: int, alpha: float, dropout: float, init: bool | str, use_rslora: bool,
+        lora_bias: bool = False, use_dora: bool = False,
+    ) -> None:  # fmt: skip
         device = self.base_layer.weight.device
         dtype = self._adapter_dtype()
         a = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
-        b = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
-        if init is True:
-            nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+        b = nn.Linear(r, self.out_features, bias=lora_bias, device=device, dtype=dtype)
+        if init in (True, "gaussian"):
+            nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5)) if init is True else nn.init.normal_(
+                a.weight, std=1 / r
+            )
             nn.init.zeros_(b.weight)
-        elif init == "gaussian":
-            nn.init.normal_(a.weight, std=1 / r)
-            nn.init.zeros_(b.weight)
+            if lora_bias:
+                nn.init.zeros_(b.bias)
         self.lora_A[name], self.lora_B[name] = a, b
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._set_scaling(name, r, alpha, use_rslora)
+        if use_dora:  # m starts as ‖W + ΔW‖: a DoRA adapter starts where its LoRA would
+            self.lora_magnitude_vector[name] = nn.Parameter(self.weight_norm(name, read_weight(self.base_layer)))
+
+    def _factor_tensors(self, name: str) -> tuple[torch.Tensor, ...]:
+        return self.lora_A[name].weight, self.lora_B[name].weight
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
-        return [self.lora_A[name].weight, self.lora_B[name].weight]
+        extra = [self.lora_magnitude_vector[name]] if name in self.lora_magnitude_vector else []
+        return [*self.lora_A[name].parameters(), *self.lora_B[name].parameters(), *extra]
+
+    def _bias_delta(self, name: str) -> torch.Tensor | None:
+        bias = self.lora_B[name].bias
+        return None if bias is None else bias.detach().float() * self.scaling[name]
+
+    def _plain_only(self, name: str) -> bool:
+        """DoRA and lora_bias adapters train through plain autograd ops (the fused functions know neither)."""
+        return name in self.lora_magnitude_vector or self.lora_B[name].bias is not None
+
+    def add_output(self, name: str, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if name not in self.lora_magnitude_vector:
+            return result + self.lora_delta(name, x)
+        # DoRA: m/‖W+ΔW‖ · (Wx + s·BAx) - Wx on top of result; Wx is result without the bias, or with dropout in
+        # training the base applied to the dropped-out input (as peft computes it).
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        dropout, s = self.lora_dropout[name], self.scaling[name]
+        x = x.to(a.dtype)
+        scale = self._dora_scale(name, x.dtype)
+        if isinstance(dropout, nn.Dropout) and self.training:
+            x = fast_dropout(x, dropout.p)  # the masks of the fused LoRA functions: several times F.dropout's speed
+            weight = read_weight(self.base_layer).to(x.dtype)
+            base = F.linear(x, weight.T if self.fan_in_fan_out else weight)
+            out = torch.addcmul(result.to(x.dtype), base, scale - 1)
+            return torch.addcmul(out, F.linear(F.linear(x, a), b), scale * s).to(result.dtype)
+        # Wx = result - bias, so result + (scale - 1)·Wx + scale·s·BAx = scale·(result + s·BAx) + (1 - scale)·bias
+        out = torch.add(result.to(x.dtype), F.linear(F.linear(x, a), b), alpha=s)
+        bias = self.base_layer.bias
+        return (out * scale if bias is None else torch.addcmul((1 - scale) * bias.to(x.dtype), out, scale)).to(
+            result.dtype
+        )
 
     def delta_weight(self, name: str) -> torch.Tensor:
         delta = (self.lora_B[name].weight.float() @ self.lora_A[name].weight.float()) * self.scaling[name]
         return delta.T if self.fan_in_fan_out else delta
 
     def lora_delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """``s · B(A(dropout(x)))`` for x ``(..., in)`` -> ``(..., out)`` (plain autograd ops)."""
-        a, b = self.lora_A[name].weight, self.lora_B[name].weight
-        return F.linear(F.linear(self.lora_dropout[name](x.to(a.dtype)), a), b) * self.scaling[name]
+        """``s · B(A(dropout(x)))`` for x ``(..., in)`` -> ``(..., out)`` (plain autograd ops; not DoRA's)."""
+        a, b = self.lora_A[name].weight, self.lora_B[name]
+        return F.linear(F.linear(self.lora_dropout[name](x.to(a.dtype)), a), b.weight, b.bias) * self.scaling[name]
 
     def _train_add(self, name: str, result: torch.Tensor, x: torch.Tensor, amp: torch.dtype | None) -> torch.Tensor:
         """``result + s · B(A(dropout(x)))`` through :class:`LoraBranch` (the training path), in the adapter's
         dtype, or in ``amp`` (autocast's dtype) when autocast is on."""
+        if self._plain_only(name):
+            return self.add_output(name, result, x)
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
         dtype = amp or a.dtype
         # .to() is a no-op when the dtypes already agree (float bases); 4-/8-bit bases compute in 16 bits
@@ -203,7 +359,7 @@ class Linear(LoraLayer):
     def _fusable(self, x: torch.Tensor, names: list[str], amp: torch.dtype | None) -> bool:
         """One adapter on a plain ``nn.Linear`` of the adapter's dtype (any, under autocast): one function."""
         base = self._plain_base()
-        if len(names) != 1 or base is None:
+        if len(names) != 1 or base is None or self._plain_only(names[0]):
             return False
         return amp is not None or x.dtype == base.weight.dtype == self.lora_A[names[0]].weight.dtype
 
@@ -227,10 +383,13 @@ class Linear(LoraLayer):
         modules = self._modules  # plain dict lookups: Module attribute access costs about 1 µs per call
         for name in selection:
             if name in self.r:
+                if name in self.lora_magnitude_vector:
+                    out = self.add_output(name, out, x)
+                    continue
                 a = modules["lora_A"]._modules[name]._parameters["weight"]
-                b = modules["lora_B"]._modules[name]._parameters["weight"]
+                b = modules["lora_B"]._modules[name]._parameters
                 h = F.linear(x if x.dtype == a.dtype else x.to(a.dtype), a)
-                out.add_(F.linear(h, b), alpha=self.scaling[name])
+                out.add_(F.linear(h, b["weight"], b["bias"]), alpha=self.scaling[name])
         return out
 
     def _train_forward(self, x: torch.Tensor, selection: tuple[str, ...], args: tuple, kwargs: dict) -> torch.Tensor:
@@ -252,14 +411,19 @@ class Linear(LoraLayer):
 class Embedding(LoraLayer):
     """LoRA around ``nn.Embedding``: ``y = emb(ids) + s · (Aᵀ[ids] @ Bᵀ)`` with A ``(r, vocab)``, B ``(dim, r)``."""
 
+    _norm_dim = 0  # the weight is (vocab, dim): DoRA's magnitude is per embedding dimension
+
     def __init__(self, base_layer: nn.Embedding, state: AdapterState) -> None:
         super().__init__(base_layer, state)
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
 
     def update_layer(
-        self, name: str, r: int, alpha: float, dropout: float, init: bool | str, use_rslora: bool
-    ) -> None:
+        self, name: str, r: int, alpha: float, dropout: float, init: bool | str, use_rslora: bool,
+        lora_bias: bool = False, use_dora: bool = False,
+    ) -> None:  # fmt: skip
+        if lora_bias:
+            raise ValueError("lora_bias=True is not supported for embedding layers (peft does not support it either)")
         weight = self.base_layer.weight
         num, dim = weight.shape
         kwargs = {"device": weight.device, "dtype": self._adapter_dtype()}
@@ -268,9 +432,22 @@ class Embedding(LoraLayer):
         self.lora_embedding_B[name] = nn.Parameter(torch.randn(dim, r, **kwargs))
         self.lora_dropout[name] = nn.Identity()  # PEFT applies no dropout on embeddings
         self._set_scaling(name, r, alpha, use_rslora)
+        if use_dora:
+            self.lora_magnitude_vector[name] = nn.Parameter(self.weight_norm(name, self.base_layer.weight))
+
+    def _factor_tensors(self, name: str) -> tuple[torch.Tensor, ...]:
+        return self.lora_embedding_A[name], self.lora_embedding_B[name]
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
-        return [self.lora_embedding_A[name], self.lora_embedding_B[name]]
+        extra = [self.lora_magnitude_vector[name]] if name in self.lora_magnitude_vector else []
+        return [self.lora_embedding_A[name], self.lora_embedding_B[name], *extra]
+
+    def add_output(self, name: str, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        delta = self.lora_delta(name, x)
+        if name not in self.lora_magnitude_vector:
+            return result + delta
+        scale = self._dora_scale(name, delta.dtype)  # DoRA: m/‖W+ΔW‖ · (emb(x) + ΔW[x])
+        return (scale * result + scale * delta).to(result.dtype)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         b, a = self.lora_embedding_B[name].float(), self.lora_embedding_A[name].float()
@@ -296,7 +473,7 @@ class Embedding(LoraLayer):
         dtype = result.dtype
         for name in selection:
             if name in self.r:
-                result = result + self.lora_delta(name, x)
+                result = self.add_output(name, result, x)
         return result.to(dtype)
 
 
@@ -305,7 +482,7 @@ def _add_rows(result: torch.Tensor, x: torch.Tensor, rows: RowGroups, layer: Lin
     out = result.clone()
     for name, index in rows.groups:
         if name in layer.r:
-            out[index] = (result[index] + layer.lora_delta(name, x[index])).to(result.dtype)
+            out[index] = layer.add_output(name, result[index], x[index]).to(result.dtype)
     return out
 
 

@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import inspect
 import os
+import re
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -375,9 +376,13 @@ class PeftModel(nn.Module):
             if isinstance(layer, Linear) and adapter_name in layer.r:
                 out[f"{p}{path}.lora_A.weight"] = layer.lora_A[adapter_name].weight
                 out[f"{p}{path}.lora_B.weight"] = layer.lora_B[adapter_name].weight
+                if layer.lora_B[adapter_name].bias is not None:  # lora_bias
+                    out[f"{p}{path}.lora_B.bias"] = layer.lora_B[adapter_name].bias
             elif isinstance(layer, Embedding) and adapter_name in layer.r:
                 out[f"{p}{path}.lora_embedding_A"] = layer.lora_embedding_A[adapter_name]
                 out[f"{p}{path}.lora_embedding_B"] = layer.lora_embedding_B[adapter_name]
+            if isinstance(layer, LoraLayer) and adapter_name in layer.lora_magnitude_vector:  # DoRA
+                out[f"{p}{path}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter_name]
             elif isinstance(layer, ModulesToSaveWrapper) and adapter_name in layer.modules_to_save:
                 for k, v in layer.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
                     out[f"{p}{path}.{k}"] = v
@@ -389,11 +394,51 @@ class PeftModel(nn.Module):
                     out[f"{p}{k}"] = t
         return out
 
+    def embedding_tensors(
+        self, adapter_name: str, save_embedding_layers: bool | str = "auto"
+    ) -> dict[str, torch.Tensor]:
+        """The base embedding matrices peft writes beside an adapter (its ``save_embedding_layers``): with "auto",
+        those of LoRA-wrapped ``embed_tokens``/``lm_head`` layers when the adapter targets them, or the embedding
+        modules themselves when the vocabulary was resized from the base model's ``config.json`` (a local base)."""
+        get_in, get_out = (
+            getattr(self.base_model, f, None) for f in ("get_input_embeddings", "get_output_embeddings")
+        )
+        if save_embedding_layers is False or get_in is None:
+            return {}
+        config = self.peft_config[adapter_name]
+        targeted = _targets_embeddings(self.base_model, config)
+        if save_embedding_layers == "auto" and not targeted and not self._vocab_resized(config):
+            return {}
+        names = {id(m): n for n, m in self.base_model.named_modules()}
+        out = {}
+        for layer in (get_in(), get_out() if get_out else None):
+            if layer is None or id(layer) not in names:
+                continue
+            if targeted and not isinstance(getattr(layer, "base_layer", None), (nn.Linear, nn.Embedding)):
+                continue
+            module, path = (
+                (layer.base_layer, f"{names[id(layer)]}.base_layer") if targeted else (layer, names[id(layer)])
+            )
+            out.update({f"{io.PREFIX}{path}.{k}": v for k, v in module.state_dict(keep_vars=True).items()})
+        return out
+
+    def _vocab_resized(self, config: LoraConfig) -> bool:
+        source = config.base_model_name_or_path or self._name_or_path()
+        file = os.path.join(source, "config.json") if source else ""
+        if not os.path.isfile(file):  # a Hub id: peft asks the Hub; offline, it assumes no resize, as here
+            return False
+        import json
+
+        with open(file, encoding="utf-8") as f:
+            vocab = json.load(f).get("vocab_size")
+        return vocab is not None and vocab != getattr(self.base_model.config, "vocab_size", vocab)
+
     def save_pretrained(
         self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
-        is_main_process: bool = True, **kwargs: Any,
+        is_main_process: bool = True, save_embedding_layers: bool | str = "auto", **kwargs: Any,
     ) -> None:  # fmt: skip
-        """Write each adapter in PEFT's format: "default" at the root, any other name in a subfolder."""
+        """Write each adapter in PEFT's format: "default" at the root, any other name in a subfolder; with the base
+        embedding matrices beside it as peft's ``save_embedding_layers`` does (see :meth:`embedding_tensors`)."""
         if os.path.isfile(save_directory):
             raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
@@ -403,9 +448,8 @@ class PeftModel(nn.Module):
         if not is_main_process:
             return
         for name in names:
-            io.save_adapter(
-                adapter_dir(save_directory, name), self.adapter_tensors(name), self.config_for_saving(name)
-            )
+            tensors = {**self.adapter_tensors(name), **self.embedding_tensors(name, save_embedding_layers)}
+            io.save_adapter(adapter_dir(save_directory, name), tensors, self.config_for_saving(name))
         self.create_or_update_model_card(save_directory, {n: self.peft_config[n] for n in names})
 
     def config_for_saving(self, name: str) -> LoraConfig:
@@ -441,14 +485,34 @@ class PeftModel(nn.Module):
         config, tensors = io.read_adapter(model_id, kwargs.pop("config", None), is_trainable, **kwargs)
         attach_adapter(self, adapter_name, config, tensors, str(model_id))
 
+    def _base_embedding_keys(self) -> dict[str, torch.Tensor]:
+        """File keys of the base embedding parameters (wrapped: ``<m>.base_layer.weight``; or not), to the live ones."""
+        out = {}
+        for getter in ("get_input_embeddings", "get_output_embeddings"):
+            layer = getattr(self.base_model, getter, lambda: None)()
+            name = (
+                next((n for n, m in self.base_model.named_modules() if m is layer), None)
+                if layer is not None
+                else None
+            )
+            if name is None:
+                continue
+            module, path = (layer.base_layer, f"{name}.base_layer") if isinstance(layer, LoraLayer) else (layer, name)
+            out.update({f"{io.PREFIX}{path}.{k}": t for k, t in module.named_parameters()})
+        return out
+
     def load_adapter_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], source: str = "") -> None:
         """Copy on-disk-named tensors into adapter ``adapter_name``; every key and shape must fit."""
         live = self.adapter_tensors(adapter_name)
         tensors = {io.normalize_key(k): v for k, v in tensors.items()}
-        # PEFT also writes the full base embedding matrix next to embedding adapters, and wrapper-internal bias
-        # copies with bias="all" + modules_to_save; PEFT ignores those on load, and so do we.
-        ignored = (".base_layer.weight", ".modules_to_save.", ".original_module.")
+        # PEFT writes wrapper-internal bias copies with bias="all" + modules_to_save and ignores them on load, as
+        # here. The base embedding matrices it writes beside embedding adapters (save_embedding_layers) are loaded
+        # into the base, as peft does; any other base-layer weight is ignored.
+        ignored = (".modules_to_save.", ".original_module.")
         tensors = {k: v for k, v in tensors.items() if not any(i in k for i in ignored)}
+        base_live = self._base_embedding_keys()
+        base = {k: v for k, v in tensors.items() if k in base_live}
+        tensors = {k: v for k, v in tensors.items() if k not in base and not k.endswith(".base_layer.weight")}
         missing = sorted(set(live) - set(tensors))
         unexpected = sorted(set(tensors) - set(live))
         problems = []
@@ -465,6 +529,11 @@ class PeftModel(nn.Module):
             problems.append(
                 f"{len(unexpected)} tensor(s) in the file match no module of this model, e.g. {unexpected[:3]}"
             )
+        problems += [
+            f"{key[len(io.PREFIX) :]} has shape {tuple(v.shape)} in the file but {tuple(base_live[key].shape)} here: "
+            f"the vocabulary was resized for this adapter; call resize_token_embeddings({v.shape[0]}) on the base first"
+            for key, v in base.items() if tuple(v.shape) != tuple(base_live[key].shape)
+        ]  # fmt: skip
         if problems:
             raise ValueError(
                 f"Adapter {source or adapter_name!r} does not fit this base model (is it for another base model or "
@@ -473,6 +542,11 @@ class PeftModel(nn.Module):
         with torch.no_grad():
             for key, target in live.items():
                 target.copy_(tensors[key].to(target.dtype))
+            for key, value in base.items():  # the embedding matrices saved beside it, as peft loads them
+                base_live[key].copy_(value.to(base_live[key].dtype))
+        for _, layer in self._layers():  # DoRA's cached weight norms follow the new values
+            if isinstance(layer, LoraLayer):
+                layer._norm_cache.clear()
 
     # ---- combine --------------------------------------------------------------------------------------------
 
@@ -491,6 +565,12 @@ class PeftModel(nn.Module):
         if len(weights) != len(adapters):
             raise ValueError(f"Got {len(weights)} weights for {len(adapters)} adapters")
         configs = [self.peft_config[a] for a in adapters]
+        variants = [a for a, c in zip(adapters, configs) if c.use_dora or c.lora_bias]
+        if variants:
+            raise ValueError(
+                f"add_weighted_adapter combines plain LoRA factors; {variants} use DoRA or lora_bias, whose "
+                "magnitudes/biases have no weighted combination: merge them one at a time with merge_and_unload"
+            )
         if sum(bool(c.modules_to_save) for c in configs) > 1:
             raise ValueError("Cannot add a weighted adapter when several adapters have modules_to_save")
         combination_type = combine.resolve_combination_type(len(adapters), combination_type)
@@ -523,6 +603,21 @@ class PeftModel(nn.Module):
                     density=density, majority_sign_method=majority_sign_method,
                 )  # fmt: skip
                 target_a.copy_(new_a[: target_a.shape[0]]), target_b.copy_(new_b[:, : target_b.shape[1]])
+
+
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # what peft's save_embedding_layers="auto" looks for
+
+
+def _targets_embeddings(model: nn.Module, config: LoraConfig) -> bool:
+    """Whether ``config`` targets a layer named embed_tokens or lm_head (peft's test for save_embedding_layers)."""
+    targets = config.target_modules
+    if isinstance(targets, str):
+        if config.is_all_linear:
+            return False
+        return any(
+            re.fullmatch(targets, k) and k.split(".")[-1] in EMBEDDING_LAYER_NAMES for k, _ in model.named_modules()
+        )
+    return any(name in (targets or []) for name in EMBEDDING_LAYER_NAMES)
 
 
 def numel(p: torch.Tensor) -> int:
