@@ -8,7 +8,7 @@ from typing import Any
 from transformers import TrainingArguments
 
 from . import distributed
-from .config import LoraConfig
+from .config import LoraConfig, is_supported_init
 from .folders import validate_adapter_name
 
 distributed.install()  # before any TrainingArguments sets up its devices (CPU-only DeepSpeed/FSDP fixes)
@@ -60,7 +60,11 @@ class PeftTrainingArguments(TrainingArguments):
         metadata={"help": "peft's lora_bias=True: lora_B gets a trainable bias (merging needs a base bias)."},
     )
     init_lora_weights: str = field(
-        default="true", metadata={"help": "'true' (B=0, Kaiming A), 'gaussian' or 'false' (random, not a no-op)."}
+        default="true",
+        metadata={
+            "help": "'true' (B=0, Kaiming A), 'gaussian', 'false' (random, not a no-op), or 'pissa', "
+            "'pissa_niter_K', 'olora' (A and B from the base weight's SVD / QR; the base keeps the residual)."
+        },
     )
     adapter_name: str = field(default="default", metadata={"help": "Name of the trained adapter."})
     load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: load the base in 4 bit (bitsandbytes)."})
@@ -134,8 +138,11 @@ class PeftTrainingArguments(TrainingArguments):
             p.append(f"lora_bias={self.lora_bias!r}: use one of {', '.join(_BIASES)}{hint}")
         if self.use_dora is True and self.lora_b_bias is True:
             p.append("use_dora and lora_b_bias are both true: DoRA has no lora_B bias (as in peft); drop one")
-        if parse_init(self.init_lora_weights) not in (True, False, "gaussian"):
-            p.append(f"init_lora_weights={self.init_lora_weights!r}: use 'true', 'false' or 'gaussian'")
+        if not is_supported_init(parse_init(self.init_lora_weights)):
+            p.append(
+                f"init_lora_weights={self.init_lora_weights!r}: use 'true', 'false', 'gaussian', 'pissa', "
+                "'pissa_niter_K' (e.g. pissa_niter_4) or 'olora'"
+            )
         try:
             validate_adapter_name(self.adapter_name)
         except ValueError as e:

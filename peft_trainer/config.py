@@ -14,7 +14,14 @@ from .folders import CONFIG_NAME, resolve_file
 # The PEFT release whose adapter_config.json layout this project writes byte for byte.
 PEFT_FORMAT_VERSION = "0.21.2"
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
-SUPPORTED_INITS = (True, False, "gaussian")
+SUPPORTED_INITS = (True, False, "gaussian", "pissa", "olora")  # and "pissa_niter_K" (randomized SVD, K iterations)
+
+
+def is_supported_init(value: Any) -> bool:
+    if isinstance(value, str) and value.startswith("pissa_niter_"):
+        return value.removeprefix("pissa_niter_").isdigit()
+    return value in SUPPORTED_INITS and not (isinstance(value, (int, float)) and not isinstance(value, bool))
+
 
 # Fields PEFT writes for features this project does not implement, with the value that means "not used".
 _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
@@ -120,11 +127,10 @@ class LoraConfig(PeftConfig):
             problems.append(f"lora_dropout={self.lora_dropout!r}: must be a number in [0, 1)")
         if self.bias not in ("none", "all", "lora_only"):
             problems.append(f"bias={self.bias!r}: use 'none', 'all' or 'lora_only'")
-        if self.init_lora_weights not in SUPPORTED_INITS or (
-            isinstance(self.init_lora_weights, (int, float)) and not isinstance(self.init_lora_weights, bool)
-        ):
+        if not is_supported_init(self.init_lora_weights):
             problems.append(
-                f"init_lora_weights={self.init_lora_weights!r}: this project implements true, false and 'gaussian'"
+                f"init_lora_weights={self.init_lora_weights!r}: this project implements true, false, 'gaussian', "
+                "'pissa', 'pissa_niter_K' and 'olora' (EVA, LoftQ and CorDA need peft)"
             )
         if self.task_type is not None and self.task_type not in TASK_TYPES:
             problems.append(f"task_type={self.task_type!r}: use one of {', '.join(TASK_TYPES)} or null")

@@ -1,4 +1,5 @@
-"""LoRA variants against peft 0.21.2 as the oracle: DoRA (Linear, GPT-2 Conv1D, Embedding, 4-bit base) and lora_bias.
+"""LoRA variants against peft 0.21.2 as the oracle: DoRA (Linear, GPT-2 Conv1D, Embedding, 4-bit base), lora_bias,
+PiSSA/OLoRA (with the conversion to plain LoRA) and convolution targets.
 
 Each: the same files give the same logits both ways, one training step gives the same gradients, merge equals the
 unmerged forward and unmerge restores the weights, a mixed-adapter batch equals each adapter alone.
@@ -11,6 +12,7 @@ from pathlib import Path
 import peft
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import peft_trainer as ours
@@ -71,21 +73,27 @@ def test_a_training_step_gives_peft_gradients(name: str, tmp_path: Path) -> None
     _perturb(theirs)
     theirs.save_pretrained(tmp_path)
     mine = ours.PeftModel.from_pretrained(build(), tmp_path, is_trainable=True)
-    grads = []
     for model in (mine, theirs):
         model.train()
         for module in model.modules():  # GPT-2's own dropout would draw different masks in the two models
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
         model(input_ids=IDS, labels=IDS).loss.backward()
-        grads.append({n.replace(".default", ""): p.grad for n, p in model.named_parameters() if p.requires_grad})
-    mine_grads, their_grads = grads
-    their_grads = {n.replace("base_model.model.", "", 1).replace(".weight", "") if "magnitude" in n
-                   else n.replace("base_model.model.", "", 1): g for n, g in their_grads.items()}  # fmt: skip
-    mine_grads = {n.replace("base_model.", "", 1): g for n, g in mine_grads.items()}
+    mine_grads, their_grads = _grads(mine), _grads(theirs)
     assert mine_grads.keys() == their_grads.keys() and len(mine_grads) > 4
     for n, g in mine_grads.items():
         assert torch.allclose(g, their_grads[n], atol=1e-6, rtol=1e-4), n
+
+
+def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Gradients of the trainable parameters under one naming for ours and peft's: "<module>.lora_A.weight",
+    "<module>.lora_magnitude_vector" (peft's wrapper adds "model." and the adapter name, and nests magnitudes)."""
+    out, prefix = {}, "base_model.model." if isinstance(model, peft.PeftModel) else "base_model."
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            name = name.removeprefix(prefix).replace(".default", "")
+            out[name.replace("lora_magnitude_vector.weight", "lora_magnitude_vector")] = p.grad
+    return out
 
 
 @pytest.mark.parametrize("name", ["dora-llama", "dora-gpt2", "bias-gpt2"])
@@ -175,7 +183,7 @@ def test_training_arguments_and_config_refusals() -> None:
     with pytest.raises(ValueError, match="base layer .* has no bias"):  # Llama's projections have none
         model.merge_adapter()
     model.add_adapter("other", ours.LoraConfig(target_modules=["q_proj"]))
-    with pytest.raises(ValueError, match="use DoRA or lora_bias"):
+    with pytest.raises(ValueError, match="use DoRA, lora_bias"):
         model.add_weighted_adapter(["default", "other"], [0.5, 0.5], "both", combination_type="linear")
 
 
@@ -192,3 +200,123 @@ def test_peft_trainer_trains_a_dora_adapter_that_peft_loads(tmp_path: Path) -> N
     assert before and all(not torch.equal(after[n], p) for n, p in before.items())  # the magnitudes learned
     theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path)
     assert torch.allclose(_logits(theirs), _logits(trainer.model), atol=1e-5)
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora"])
+def test_pissa_and_olora_decompose_the_base_as_peft_does(init: str) -> None:
+    targets = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=init)
+    torch.manual_seed(3)  # pissa_niter_K draws its random projection from torch's generator
+    mine = ours.get_peft_model(tiny_llama(), ours.LoraConfig(**targets))
+    torch.manual_seed(3)
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**targets))
+    layers = mine.base_model.model.layers[1].mlp.down_proj, theirs.base_model.model.model.layers[1].mlp.down_proj
+    for attr in ("lora_A", "lora_B"):
+        assert torch.allclose(getattr(layers[0], attr)["default"].weight, getattr(layers[1], attr)["default"].weight)
+    assert torch.allclose(layers[0].base_layer.weight, layers[1].base_layer.weight)  # the residual W - s·BA
+    assert not torch.allclose(layers[0].base_layer.weight, tiny_llama().model.layers[1].mlp.down_proj.weight)
+    assert torch.allclose(_logits(mine), _logits(tiny_llama()), atol=1e-5)  # decomposed, the model is unchanged
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_a_trained_pissa_adapter_converts_to_lora_for_the_original_base(init: str, tmp_path: Path) -> None:
+    config = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=init)
+    mine = ours.get_peft_model(tiny_llama(), ours.LoraConfig(**config))
+    mine.save_pretrained(tmp_path / "ours-init")  # right after get_peft_model, before training
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**config))
+    theirs.save_pretrained(tmp_path / "peft-init")
+    _perturb_factors(mine)  # "training"
+    trained = _logits(mine)
+    peft.set_peft_model_state_dict(theirs, {k: v.detach() for k, v in mine.adapter_tensors("default").items()})
+    mine.save_pretrained(tmp_path / "ours", path_initial_model_for_weight_conversion=tmp_path / "ours-init")
+    theirs.save_pretrained(tmp_path / "peft", path_initial_model_for_weight_conversion=str(tmp_path / "peft-init"))
+
+    files = [load_file(tmp_path / d / "adapter_model.safetensors") for d in ("ours", "peft")]
+    assert files[0].keys() == files[1].keys()
+    assert all(torch.allclose(files[0][k], files[1][k], atol=1e-6) for k in files[0])
+    configs = [ours.LoraConfig.from_pretrained(tmp_path / d) for d in ("ours", "peft")]
+    assert (configs[0].r, configs[0].lora_alpha, configs[0].init_lora_weights) == (8, 16, True)
+    assert (configs[1].r, configs[1].lora_alpha, configs[1].init_lora_weights) == (8, 16, True)
+    on_original = ours.PeftModel.from_pretrained(tiny_llama(), tmp_path / "ours")  # the base as it was
+    assert torch.allclose(_logits(on_original), trained, atol=1e-5)
+    assert torch.allclose(_logits(peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "ours")), trained, atol=1e-5)
+
+
+def _perturb_factors(model: torch.nn.Module) -> None:
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn_like(p) * 0.05)
+
+
+def test_a_pissa_adapter_from_peft_trainer_loads_on_the_original_base(tmp_path: Path) -> None:
+    """Loading a PiSSA adapter decomposes the original base again (deterministic SVD), as peft does."""
+    from tests.trainer_helpers import fast_args, token_dataset
+
+    args = fast_args(tmp_path, init_lora_weights="pissa", lora_r=4, lora_target_modules=["q_proj", "v_proj"],
+                     max_steps=3, learning_rate=5e-2)  # fmt: skip
+    trainer = ours.PeftTrainer(tiny_llama(), args, train_dataset=token_dataset(12))
+    trainer.train()
+    trainer.save_model()
+    trained = _logits(trainer.model)
+    assert not torch.allclose(trained, _logits(tiny_llama()), atol=1e-4)
+    for loader in (ours.PeftModel, peft.PeftModel):
+        assert torch.allclose(_logits(loader.from_pretrained(tiny_llama(), tmp_path)), trained, atol=1e-5)
+
+
+class ConvNet(torch.nn.Module):
+    """A custom model (as in PEFT's custom-model guide) with 1-, 2- and 3-d convolutions, one grouped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1 = torch.nn.Conv1d(3, 8, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.c3 = torch.nn.Conv3d(2, 4, (1, 3, 3))
+        self.grouped = torch.nn.Conv2d(8, 8, 1, groups=2)
+
+    def forward(self, x1, x2, x3):
+        return self.c1(x1), self.grouped(self.c2(x2)), self.c3(x3)
+
+
+CONV_INPUTS = [torch.randn(2, 3, 10), torch.randn(2, 3, 8, 8), torch.randn(2, 2, 3, 6, 6)]
+
+
+def _conv_out(model) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return list(model.eval()(*CONV_INPUTS))
+
+
+@pytest.mark.parametrize("lora_bias", [False, True])
+def test_convolution_targets_match_peft_both_ways(lora_bias: bool, tmp_path: Path) -> None:
+    config = dict(r=4, lora_alpha=8, target_modules=["c1", "c2", "c3", "grouped"], init_lora_weights=False,
+                  lora_bias=lora_bias)  # fmt: skip
+    mine = ours.get_peft_model(ConvNet(), ours.LoraConfig(**config))
+    _perturb(mine)
+    mine.save_pretrained(tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(ConvNet(), tmp_path / "ours")
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(_conv_out(mine), _conv_out(theirs)))
+    assert not torch.allclose(_conv_out(mine)[1], _conv_out(ConvNet())[1], atol=1e-3)
+
+    theirs = peft.get_peft_model(ConvNet(), peft.LoraConfig(**config))
+    theirs.save_pretrained(tmp_path / "peft")
+    back = ours.PeftModel.from_pretrained(ConvNet(), tmp_path / "peft", is_trainable=True)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(_conv_out(back), _conv_out(theirs)))
+    for model in (back, theirs):  # the same gradients
+        model.train()
+        sum(out.square().mean() for out in model(*CONV_INPUTS)).backward()
+    grads = [_grads(m) for m in (back, theirs)]
+    assert grads[0].keys() == grads[1].keys() and all(torch.allclose(grads[0][k], grads[1][k]) for k in grads[0])
+
+
+def test_convolution_merge_equals_unmerged() -> None:
+    model = ours.get_peft_model(ConvNet(), ours.LoraConfig(r=4, target_modules=["c1", "c2", "c3"],
+                                                           init_lora_weights=False))  # fmt: skip
+    unmerged = _conv_out(model)
+    merged = model.merge_and_unload()
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(_conv_out(merged), unmerged))
+    grouped = ours.get_peft_model(ConvNet(), ours.LoraConfig(r=4, target_modules=["grouped"]))
+    with pytest.raises(ValueError, match="grouped Conv2d is not supported"):
+        grouped.merge_adapter()
+    with pytest.raises(ValueError, match="use_dora on Conv2d layers"):
+        ours.get_peft_model(ConvNet(), ours.LoraConfig(r=4, target_modules=["c2"], use_dora=True))

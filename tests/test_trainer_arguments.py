@@ -88,7 +88,7 @@ def test_invalid_combinations_raise_one_error_listing_all(tmp_path):
     with pytest.raises(ValueError) as err:
         PeftTrainingArguments(
             output_dir=str(tmp_path), lora_r=0, lora_alpha=-1, lora_dropout=1.5, lora_target_modules=[],
-            lora_bias="some", init_lora_weights="pissa", adapter_name="a/b", load_in_4bit=True, load_in_8bit=True,
+            lora_bias="some", init_lora_weights="loftq", adapter_name="a/b", load_in_4bit=True, load_in_8bit=True,
             bnb_4bit_quant_type="int4", bnb_4bit_compute_dtype="float8",
             # and one problem that TrainingArguments itself finds
             load_best_model_at_end=True, eval_strategy="steps", save_strategy="epoch",

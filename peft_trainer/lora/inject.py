@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from torch import nn
 
 from ..config import LoraConfig
-from .layer import AdapterState, Embedding, Linear, LoraLayer, ModulesToSaveWrapper
+from .layer import AdapterState, Conv, Embedding, Linear, LoraLayer, ModulesToSaveWrapper
 
 # PEFT compresses long target lists to the shortest separating suffixes from this length on.
 MIN_TARGET_MODULES_FOR_OPTIMIZATION = 20
@@ -28,13 +28,16 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
 def is_supported(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, nn.Embedding, LoraLayer)) or _is_conv1d(module)
+    return isinstance(module, (nn.Linear, nn.Embedding, *CONVS, LoraLayer)) or _is_conv1d(module)
 
 
 def _is_linear(module: nn.Module) -> bool:
     if isinstance(module, LoraLayer):
-        return not isinstance(module, Embedding)
+        return isinstance(module, Linear)
     return isinstance(module, nn.Linear) or _is_conv1d(module)
 
 
@@ -217,7 +220,7 @@ def inject(model: nn.Module, config: LoraConfig, name: str, state: AdapterState)
         if not is_supported(module):
             raise ValueError(
                 f"Target module {key} ({type(module).__name__}) is not supported; LoRA here adapts "
-                "torch.nn.Linear, torch.nn.Embedding and transformers Conv1D layers"
+                "torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d/2d/3d and transformers Conv1D layers"
             )
     touched: list[nn.Module] = []
     for key in targets:
@@ -225,6 +228,8 @@ def inject(model: nn.Module, config: LoraConfig, name: str, state: AdapterState)
         if not isinstance(module, LoraLayer):
             if isinstance(module, nn.Embedding):
                 module = Embedding(module, state)
+            elif isinstance(module, CONVS):
+                module = Conv(module, state)
             else:
                 conv1d = _is_conv1d(module)
                 if conv1d != config.fan_in_fan_out:

@@ -1,4 +1,4 @@
-"""LoRA layers (Linear, GPT-2 Conv1D, Embedding), the shared adapter state, and the modules_to_save wrapper."""
+"""LoRA layers (Linear, GPT-2 Conv1D, Embedding, Conv1d/2d/3d), the shared adapter state, and the modules_to_save wrapper."""
 
 from __future__ import annotations
 
@@ -284,11 +284,43 @@ class Linear(LoraLayer):
         self.lora_A[name], self.lora_B[name] = a, b
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._set_scaling(name, r, alpha, use_rslora)
+        if isinstance(init, str) and init != "gaussian":
+            self._decompose_base(name, init)
         if use_dora:  # m starts as ‖W + ΔW‖: a DoRA adapter starts where its LoRA would
             self.lora_magnitude_vector[name] = nn.Parameter(self.weight_norm(name, read_weight(self.base_layer)))
 
     def _factor_tensors(self, name: str) -> tuple[torch.Tensor, ...]:
         return self.lora_A[name].weight, self.lora_B[name].weight
+
+    def _decompose_base(self, name: str, init: str) -> None:
+        """PiSSA / OLoRA (peft's semantics): A and B from the base weight W (out, in), and W keeps the residual
+        W - s·BA, so the model computes what it did. PiSSA: the top-r singular triplets, √(σ/s) on each side
+        (``pissa_niter_K``: randomized SVD with K iterations); OLoRA: B = Q[:, :r], A = R[:r] of W = QR."""
+        r, s = self.r[name], self.scaling[name]
+        weight = read_weight(self.base_layer)
+        if init.startswith("pissa") and weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(
+                "PiSSA needs a float32, float16 or bfloat16 base: initialize it unquantized, save the residual "
+                "model, and quantize that"
+            )
+        rows = weight.float().T if self.fan_in_fan_out else weight.float()  # (out, in)
+        if init == "olora":
+            q, rr = torch.linalg.qr(rows)
+            a, b = rr[:r], q[:, :r]
+        else:
+            if init == "pissa":
+                v, sigma, uh = torch.linalg.svd(rows, full_matrices=False)
+                v, sigma, uh = v[:, :r], sigma[:r], uh[:r]
+            else:
+                v, sigma, u = torch.svd_lowrank(rows, r, niter=int(init.removeprefix("pissa_niter_")))
+                uh = u.T
+            root = torch.diag(torch.sqrt(sigma / s))
+            a, b = root @ uh, v @ root
+        with torch.no_grad():
+            self.lora_A[name].weight.copy_(a.contiguous())
+            self.lora_B[name].weight.copy_(b.contiguous())
+        residual = rows - s * (b @ a)
+        write_weight(self.base_layer, residual.T if self.fan_in_fan_out else residual)
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         extra = [self.lora_magnitude_vector[name]] if name in self.lora_magnitude_vector else []
@@ -427,7 +459,8 @@ class Embedding(LoraLayer):
         weight = self.base_layer.weight
         num, dim = weight.shape
         kwargs = {"device": weight.device, "dtype": self._adapter_dtype()}
-        a = torch.zeros(r, num, **kwargs) if init in (True, "gaussian") else torch.randn(r, num, **kwargs)
+        # every init but False starts at zero, as peft's (PiSSA/OLoRA do not decompose embeddings)
+        a = torch.randn(r, num, **kwargs) if init is False else torch.zeros(r, num, **kwargs)
         self.lora_embedding_A[name] = nn.Parameter(a)
         self.lora_embedding_B[name] = nn.Parameter(torch.randn(dim, r, **kwargs))
         self.lora_dropout[name] = nn.Identity()  # PEFT applies no dropout on embeddings
@@ -477,7 +510,81 @@ class Embedding(LoraLayer):
         return result.to(dtype)
 
 
-def _add_rows(result: torch.Tensor, x: torch.Tensor, rows: RowGroups, layer: Linear | Embedding) -> torch.Tensor:
+class Conv(LoraLayer):
+    """LoRA around ``nn.Conv1d/2d/3d`` (peft's semantics): A is a convolution like the base (kernel, stride, padding;
+    no dilation) to r channels, B a 1x1 convolution back (grouped like the base), ``y = base(x) + s · B(A(x))``."""
+
+    def __init__(self, base_layer: nn.Module, state: AdapterState) -> None:
+        super().__init__(base_layer, state)
+        self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
+    def update_layer(
+        self, name: str, r: int, alpha: float, dropout: float, init: bool | str, use_rslora: bool,
+        lora_bias: bool = False, use_dora: bool = False,
+    ) -> None:  # fmt: skip
+        base = self.base_layer
+        kind = type(base).__name__
+        if use_dora:
+            raise ValueError(f"use_dora on {kind} layers is not implemented here: target linear layers for DoRA")
+        if isinstance(init, str) and init != "gaussian":
+            raise ValueError(f"init_lora_weights={init!r} does not apply to {kind} layers (as in peft)")
+        if r % base.groups:
+            raise ValueError(f"a {kind} with groups={base.groups} needs a rank divisible by {base.groups}, not r={r}")
+        ones = (1,) * (base.weight.dim() - 2)
+        kwargs = {"device": base.weight.device, "dtype": self._adapter_dtype()}
+        a = type(base)(self.in_features, r, base.kernel_size, base.stride, base.padding, bias=False, **kwargs)
+        b = type(base)(r, self.out_features, ones, ones, groups=base.groups, bias=lora_bias, **kwargs)
+        if init in (True, "gaussian"):
+            nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5)) if init is True else nn.init.normal_(
+                a.weight, std=1 / r
+            )
+            nn.init.zeros_(b.weight)
+            if lora_bias:
+                nn.init.zeros_(b.bias)
+        self.lora_A[name], self.lora_B[name] = a, b
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._set_scaling(name, r, alpha, use_rslora)
+
+    def _factor_tensors(self, name: str) -> tuple[torch.Tensor, ...]:
+        return self.lora_A[name].weight, self.lora_B[name].weight
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        return [*self.lora_A[name].parameters(), *self.lora_B[name].parameters()]
+
+    def _bias_delta(self, name: str) -> torch.Tensor | None:
+        bias = self.lora_B[name].bias
+        return None if bias is None else bias.detach().float() * self.scaling[name]
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """ΔW (out, in, *kernel): B's 1x1 kernel applied to A's kernels, in float32."""
+        if self.base_layer.groups > 1:
+            raise ValueError(
+                f"merging LoRA into a grouped {type(self.base_layer).__name__} is not supported (as in peft)"
+            )
+        a, b = self.lora_A[name].weight.float(), self.lora_B[name].weight.float()
+        conv = getattr(F, f"conv{a.dim() - 2}d")
+        return conv(a.transpose(0, 1), b).transpose(0, 1) * self.scaling[name]
+
+    def lora_delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        a = self.lora_A[name]
+        return self.lora_B[name](a(self.lora_dropout[name](x.to(a.weight.dtype)))) * self.scaling[name]
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        selection = self.state.current()
+        if not selection:
+            return result
+        if isinstance(selection, RowGroups):
+            return _add_rows(result, x, selection, self)
+        for name in selection:
+            if name in self.r:
+                result = result + self.lora_delta(name, x).to(result.dtype)
+        return result
+
+
+def _add_rows(result: torch.Tensor, x: torch.Tensor, rows: RowGroups, layer: LoraLayer) -> torch.Tensor:
     """Add each row group's own adapter delta (mixed-adapter batches); ``__base__`` rows stay as they are."""
     out = result.clone()
     for name, index in rows.groups:

@@ -22,7 +22,7 @@ from ..folders import adapter_dir, validate_adapter_name
 from ..loss import can_chunk, causal_lm_forward
 from . import combine
 from .inject import factor_numel, inject
-from .layer import AdapterState, Embedding, Linear, LoraLayer, ModulesToSaveWrapper, RowGroups
+from .layer import AdapterState, Conv, Embedding, Linear, LoraLayer, ModulesToSaveWrapper, RowGroups
 
 BASE = "__base__"
 
@@ -373,7 +373,7 @@ class PeftModel(nn.Module):
         out: dict[str, torch.Tensor] = {}
         p = io.PREFIX
         for path, layer in self._layers():
-            if isinstance(layer, Linear) and adapter_name in layer.r:
+            if isinstance(layer, (Linear, Conv)) and adapter_name in layer.r:
                 out[f"{p}{path}.lora_A.weight"] = layer.lora_A[adapter_name].weight
                 out[f"{p}{path}.lora_B.weight"] = layer.lora_B[adapter_name].weight
                 if layer.lora_B[adapter_name].bias is not None:  # lora_bias
@@ -435,10 +435,15 @@ class PeftModel(nn.Module):
 
     def save_pretrained(
         self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
-        is_main_process: bool = True, save_embedding_layers: bool | str = "auto", **kwargs: Any,
+        is_main_process: bool = True, save_embedding_layers: bool | str = "auto",
+        path_initial_model_for_weight_conversion: str | os.PathLike | None = None, **kwargs: Any,
     ) -> None:  # fmt: skip
         """Write each adapter in PEFT's format: "default" at the root, any other name in a subfolder; with the base
-        embedding matrices beside it as peft's ``save_embedding_layers`` does (see :meth:`embedding_tensors`)."""
+        embedding matrices beside it as peft's ``save_embedding_layers`` does (see :meth:`embedding_tensors`).
+
+        ``path_initial_model_for_weight_conversion``: the folder this PiSSA/OLoRA adapter was saved to right after
+        ``get_peft_model`` (before training). The adapter is then written as a plain LoRA of rank 2r for the
+        *original* base, ΔW = BA - B₀A₀ = [B | -B₀][A ; A₀] (peft's conversion)."""
         if os.path.isfile(save_directory):
             raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
@@ -449,7 +454,10 @@ class PeftModel(nn.Module):
             return
         for name in names:
             tensors = {**self.adapter_tensors(name), **self.embedding_tensors(name, save_embedding_layers)}
-            io.save_adapter(adapter_dir(save_directory, name), tensors, self.config_for_saving(name))
+            config = self.config_for_saving(name)
+            if path_initial_model_for_weight_conversion is not None:
+                tensors, config = _as_plain_lora(tensors, config, path_initial_model_for_weight_conversion)
+            io.save_adapter(adapter_dir(save_directory, name), tensors, config)
         self.create_or_update_model_card(save_directory, {n: self.peft_config[n] for n in names})
 
     def config_for_saving(self, name: str) -> LoraConfig:
@@ -565,11 +573,12 @@ class PeftModel(nn.Module):
         if len(weights) != len(adapters):
             raise ValueError(f"Got {len(weights)} weights for {len(adapters)} adapters")
         configs = [self.peft_config[a] for a in adapters]
-        variants = [a for a, c in zip(adapters, configs) if c.use_dora or c.lora_bias]
+        convs = {a for _, layer in self._layers() if isinstance(layer, Conv) for a in adapters if a in layer.r}
+        variants = [a for a, c in zip(adapters, configs) if c.use_dora or c.lora_bias or a in convs]
         if variants:
             raise ValueError(
-                f"add_weighted_adapter combines plain LoRA factors; {variants} use DoRA or lora_bias, whose "
-                "magnitudes/biases have no weighted combination: merge them one at a time with merge_and_unload"
+                f"add_weighted_adapter combines plain LoRA factors of linear layers; {variants} use DoRA, lora_bias "
+                "or convolution layers, which it does not combine: merge them one at a time with merge_and_unload"
             )
         if sum(bool(c.modules_to_save) for c in configs) > 1:
             raise ValueError("Cannot add a weighted adapter when several adapters have modules_to_save")
@@ -603,6 +612,39 @@ class PeftModel(nn.Module):
                     density=density, majority_sign_method=majority_sign_method,
                 )  # fmt: skip
                 target_a.copy_(new_a[: target_a.shape[0]]), target_b.copy_(new_b[:, : target_b.shape[1]])
+
+
+def _as_plain_lora(
+    tensors: dict[str, torch.Tensor], config: LoraConfig, initial: str | os.PathLike
+) -> tuple[dict[str, torch.Tensor], LoraConfig]:
+    """A trained PiSSA/OLoRA adapter as a plain LoRA for the original base: the factors concatenated with the initial
+    ones (``initial``: the adapter saved before training), rank and alpha doubled (scaling unchanged)."""
+    if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
+        raise ValueError(
+            "path_initial_model_for_weight_conversion does not support rank_pattern/alpha_pattern with use_rslora "
+            "(as in peft)"
+        )
+    if config.use_dora or config.lora_bias:
+        raise ValueError(
+            "path_initial_model_for_weight_conversion converts plain PiSSA/OLoRA factors, not DoRA/lora_bias"
+        )
+    start = {io.normalize_key(k): v for k, v in io.load_weights(initial).items()}
+    converted = {}
+    for key, value in tensors.items():
+        if key.endswith(".lora_A.weight") or key.endswith(".lora_B.weight"):
+            if key not in start or start[key].shape != value.shape:
+                raise ValueError(
+                    f"{initial} is not this adapter's initial state: {key} is missing there or has another shape"
+                )
+            a = key.endswith(".lora_A.weight")
+            initial_value = start[key].to(value)
+            converted[key] = torch.cat([value, initial_value] if a else [value, -initial_value], dim=0 if a else 1)
+    config = copy.deepcopy(config)
+    config.init_lora_weights, config.r = True, 2 * config.r
+    config.lora_alpha *= 2**0.5 if config.use_rslora else 2
+    config.rank_pattern = {k: 2 * v for k, v in config.rank_pattern.items()}
+    config.alpha_pattern = {k: 2 * v for k, v in config.alpha_pattern.items()}
+    return converted, config
 
 
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # what peft's save_embedding_layers="auto" looks for
