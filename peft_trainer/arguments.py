@@ -55,6 +55,13 @@ class PeftTrainingArguments(TrainingArguments):
         default=False,
         metadata={"help": "DoRA: also learn a magnitude per output feature (peft's use_dora); slower than LoRA."},
     )
+    lora_trainable_token_indices: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "peft's trainable_token_indices: train only these rows of the input embedding (and of a tied "
+            "output layer), e.g. the ids of new special tokens."
+        },
+    )
     lora_b_bias: bool = field(
         default=False,
         metadata={"help": "peft's lora_bias=True: lora_B gets a trainable bias (merging needs a base bias)."},
@@ -174,6 +181,7 @@ class PeftTrainingArguments(TrainingArguments):
             use_rslora=self.use_rslora,
             use_dora=self.use_dora,
             lora_bias=self.lora_b_bias,
+            trainable_token_indices=self.lora_trainable_token_indices,
             init_lora_weights=parse_init(self.init_lora_weights),
             task_type=task_type,
             base_model_name_or_path=self.base_model_name_or_path,

@@ -37,7 +37,6 @@ _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     "megatron_config": None,
     "monteclora_config": None,
     "target_parameters": None,
-    "trainable_token_indices": None,
     "use_bdlora": None,
     "use_qalora": False,
     "velora_config": None,
@@ -89,6 +88,7 @@ class LoraConfig(PeftConfig):
     use_rslora: bool = False
     use_dora: bool = False
     lora_bias: bool = False
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     modules_to_save: list[str] | None = None
     fan_in_fan_out: bool = False
     init_lora_weights: bool | str = True
@@ -134,6 +134,21 @@ class LoraConfig(PeftConfig):
             )
         if self.task_type is not None and self.task_type not in TASK_TYPES:
             problems.append(f"task_type={self.task_type!r}: use one of {', '.join(TASK_TYPES)} or null")
+        tokens = self.trainable_token_indices
+        rows = tokens.values() if isinstance(tokens, dict) else [tokens]
+        if tokens is not None and not (
+            (isinstance(tokens, list) or isinstance(tokens, dict) and all(isinstance(k, str) for k in tokens))
+            and all(isinstance(r, list) and r and all(_is_int(i) for i in r) for r in rows)
+        ):
+            problems.append(
+                f"trainable_token_indices={tokens!r}: a list of token ids (for the input embedding) or a mapping "
+                "of module name to such a list"
+            )
+        elif isinstance(tokens, dict) and set(tokens) & set(self.modules_to_save or []):
+            problems.append(
+                f"trainable_token_indices and modules_to_save both name {sorted(set(tokens) & set(self.modules_to_save))}:"
+                " train the layer fully (modules_to_save) or some of its rows (trainable_token_indices), not both"
+            )
         if self.use_dora is True and self.lora_bias is True:
             problems.append("use_dora and lora_bias are both true: DoRA has no lora_bias (as in peft); drop one")
         for name in ("use_rslora", "use_dora", "lora_bias", "fan_in_fan_out", "inference_mode"):

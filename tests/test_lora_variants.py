@@ -1,5 +1,5 @@
 """LoRA variants against peft 0.21.2 as the oracle: DoRA (Linear, GPT-2 Conv1D, Embedding, 4-bit base), lora_bias,
-PiSSA/OLoRA (with the conversion to plain LoRA) and convolution targets.
+PiSSA/OLoRA (with the conversion to plain LoRA), convolution targets and trainable tokens.
 
 Each: the same files give the same logits both ways, one training step gives the same gradients, merge equals the
 unmerged forward and unmerge restores the weights, a mixed-adapter batch equals each adapter alone.
@@ -320,3 +320,75 @@ def test_convolution_merge_equals_unmerged() -> None:
         grouped.merge_adapter()
     with pytest.raises(ValueError, match="use_dora on Conv2d layers"):
         ours.get_peft_model(ConvNet(), ours.LoraConfig(r=4, target_modules=["c2"], use_dora=True))
+
+
+def _tied_llama(tied: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=100, tie_word_embeddings=tied)  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+TOKENS = dict(r=4, target_modules=["q_proj"], trainable_token_indices=[3, 5, 7], init_lora_weights=False)
+TOKEN_IDS = torch.tensor([[1, 3, 5, 7, 9, 3], [7, 2, 5, 5, 0, 3]])
+
+
+def _token_logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(TOKEN_IDS).logits
+
+
+def _move_tokens(model) -> None:
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "trainable_tokens_delta" in name:
+                p.add_(torch.randn_like(p))
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied-lm-head"])
+def test_trainable_tokens_match_peft_both_ways(tied: bool, tmp_path: Path) -> None:
+    mine = ours.get_peft_model(_tied_llama(tied), ours.LoraConfig(**TOKENS))
+    _move_tokens(mine)
+    mine.save_pretrained(tmp_path / "ours")
+    assert torch.allclose(_token_logits(peft.PeftModel.from_pretrained(_tied_llama(tied), tmp_path / "ours")),
+                          _token_logits(mine), atol=1e-5)  # fmt: skip
+    theirs = peft.get_peft_model(_tied_llama(tied), peft.LoraConfig(**TOKENS))
+    _move_tokens(theirs)
+    theirs.save_pretrained(tmp_path / "peft")
+    assert set(load_file(tmp_path / "ours" / "adapter_model.safetensors")) == set(
+        load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    )  # one (3, 64) tensor of rows, also when the head is tied; no embedding matrix
+    back = ours.PeftModel.from_pretrained(_tied_llama(tied), tmp_path / "peft")
+    assert torch.allclose(_token_logits(back), _token_logits(theirs), atol=1e-5)
+    unmerged = _token_logits(back)
+    back.merge_adapter()
+    assert torch.allclose(_token_logits(back), unmerged, atol=1e-5)
+    back.unmerge_adapter()
+    assert torch.equal(
+        back.get_base_model().get_input_embeddings().base_layer.weight, _tied_llama(tied).model.embed_tokens.weight
+    )
+    with torch.no_grad():  # a mixed batch: row 0 with the tokens, row 1 the bare base
+        mixed = back(TOKEN_IDS, adapter_names=["default", "__base__"]).logits
+    assert torch.allclose(mixed[0], unmerged[0], atol=1e-5)
+    assert torch.allclose(mixed[1], _token_logits(_tied_llama(tied))[1], atol=1e-5)
+
+
+def test_training_changes_only_the_chosen_rows(tmp_path: Path) -> None:
+    from tests.trainer_helpers import fast_args, token_dataset
+
+    args = fast_args(tmp_path, lora_trainable_token_indices=[3, 5], lora_target_modules=["q_proj"], max_steps=3)
+    trainer = ours.PeftTrainer(_tied_llama(True), args, train_dataset=token_dataset(12))
+    trainer.train()
+    trainer.save_model()
+    merged = trainer.model.merge_and_unload().model.embed_tokens.weight
+    changed = (merged != _tied_llama(True).model.embed_tokens.weight).any(dim=1).nonzero().flatten().tolist()
+    assert changed == [3, 5]
+    with pytest.raises(ValueError, match="both a LoRA target and in trainable_token_indices"):
+        ours.get_peft_model(_tied_llama(False), ours.LoraConfig(target_modules=["embed_tokens"],
+                                                                trainable_token_indices=[1]))  # fmt: skip
+    with pytest.raises(ValueError, match="matches no module; embedding layers"):
+        ours.get_peft_model(_tied_llama(False), ours.LoraConfig(target_modules=["q_proj"],
+                                                                trainable_token_indices={"embeddings": [1]}))  # fmt: skip

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from torch import nn
 
 from ..config import LoraConfig
-from .layer import AdapterState, Conv, Embedding, Linear, LoraLayer, ModulesToSaveWrapper
+from .layer import AdapterState, Conv, Embedding, Linear, LoraLayer, ModulesToSaveWrapper, TrainableTokens
 
 # PEFT compresses long target lists to the shortest separating suffixes from this length on.
 MIN_TARGET_MODULES_FOR_OPTIMIZATION = 20
@@ -222,6 +222,7 @@ def inject(model: nn.Module, config: LoraConfig, name: str, state: AdapterState)
                 f"Target module {key} ({type(module).__name__}) is not supported; LoRA here adapts "
                 "torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d/2d/3d and transformers Conv1D layers"
             )
+    tokens = _token_targets(model, config, set(targets))
     touched: list[nn.Module] = []
     for key in targets:
         module = model.get_submodule(key)
@@ -253,4 +254,60 @@ def inject(model: nn.Module, config: LoraConfig, name: str, state: AdapterState)
                 _set_module(model, key, module)
             module.update_layer(name)
             touched.append(module)
+    wrapped: dict[str, TrainableTokens] = {}
+    for key, indices, tied_to in tokens:
+        module = model.get_submodule(key)
+        if not isinstance(module, TrainableTokens):
+            module = TrainableTokens(module, state, tied=wrapped.get(tied_to) if tied_to else None)
+            _set_module(model, key, module)
+        module.update_layer(name, indices)
+        wrapped[key] = module
+        touched.append(module)
     return touched
+
+
+def _token_targets(
+    model: nn.Module, config: LoraConfig, lora_targets: set[str]
+) -> list[tuple[str, list[int], str | None]]:
+    """(module name, row indices, name of the embedding it is tied to) for ``trainable_token_indices``: a list means
+    the input embedding (and an output layer whose weight is tied to it); a mapping names modules (dotted suffixes)."""
+    tokens = config.trainable_token_indices
+    if tokens is None:
+        return []
+    get_input = getattr(model, "get_input_embeddings", None)
+    embedding = get_input() if get_input else None
+    names = {id(m): n for n, m in model.named_modules()}
+    if isinstance(tokens, dict):
+        found = []
+        for wanted, indices in tokens.items():
+            keys = [n for n, m in model.named_modules() if n == wanted or n.endswith("." + wanted)]
+            if not keys:
+                embeddings = [n for n, m in model.named_modules() if isinstance(m, (nn.Embedding, TrainableTokens))]
+                raise ValueError(
+                    f"trainable_token_indices names {wanted!r}, which matches no module; embedding layers: {embeddings}"
+                )
+            found += [(k, list(indices)) for k in keys]
+    elif embedding is None or id(embedding) not in names:
+        raise ValueError("trainable_token_indices as a list needs a model with get_input_embeddings(); name the layer")
+    else:
+        found = [(names[id(embedding)], list(tokens))]
+    out: list[tuple[str, list[int], str | None]] = []
+    for key, indices in found:
+        module = model.get_submodule(key)
+        if key in lora_targets or isinstance(module, LoraLayer) and not isinstance(module, TrainableTokens):
+            raise ValueError(f"{key} is both a LoRA target and in trainable_token_indices: choose one for it")
+        if not isinstance(module, (nn.Embedding, nn.Linear, TrainableTokens)):
+            raise ValueError(
+                f"trainable_token_indices targets {key} ({type(module).__name__}): use an embedding layer"
+            )
+        out.append((key, indices, None))
+    get_output = getattr(model, "get_output_embeddings", None)
+    head = get_output() if get_output else None
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    embedding_key = names.get(id(embedding)) if embedding is not None else None
+    if tied and head is not None and id(head) in names and any(k == embedding_key for k, _, _ in out):
+        head_key = names[id(head)]
+        if head_key not in {k for k, _, _ in out}:
+            indices = next(i for k, i, _ in out if k == embedding_key)
+            out.append((head_key, indices, embedding_key))  # its weight is the embedding's: the same rows
+    return out

@@ -584,6 +584,97 @@ class Conv(LoraLayer):
         return result
 
 
+class TrainableTokens(LoraLayer):
+    """Chosen rows of an embedding, or of the output layer tied to it, trained in place of the base's (peft's
+    ``trainable_token_indices``): per adapter the rows' new values, (n, dim), start as copies of the base rows.
+    A tied output layer shares the embedding's rows (``tied``) and does not save or merge them again."""
+
+    def __init__(self, base_layer: nn.Module, state: AdapterState, tied: TrainableTokens | None = None) -> None:
+        super().__init__(base_layer, state)
+        self.tied = tied is not None
+        self.trainable_tokens_delta = tied.trainable_tokens_delta if tied else nn.ParameterDict()
+        self.token_indices: dict[str, list[int]] = tied.token_indices if tied else {}
+        self._original: dict[str, torch.Tensor] = tied._original if tied else {}
+
+    def update_layer(self, name: str, indices: list[int]) -> None:
+        self.r[name], self.scaling[name] = len(indices), 1.0
+        if self.tied:
+            return
+        weight = self.base_layer.weight
+        if not indices or min(indices) < 0 or max(indices) >= weight.shape[0]:
+            raise ValueError(f"trainable_token_indices {indices}: each must be a row index below {weight.shape[0]}")
+        self.token_indices[name] = list(indices)
+        rows = weight.detach()[torch.tensor(indices, device=weight.device)]
+        self._original[name] = rows.clone()
+        self.trainable_tokens_delta[name] = nn.Parameter(rows.clone())
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        return [] if self.tied else [self.trainable_tokens_delta[name]]
+
+    def delete_adapter(self, name: str) -> None:
+        super().delete_adapter(name)
+        if not self.tied:
+            for d in (self.trainable_tokens_delta, self.token_indices, self._original):
+                d.pop(name, None)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """The new rows minus the original ones, at their indices (float32, the base weight's shape)."""
+        weight = self.base_layer.weight
+        delta = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        index = torch.tensor(self.token_indices[name], device=weight.device)
+        new, old = self.trainable_tokens_delta[name].float(), self._original[name].float().to(weight.device)
+        return delta.index_copy_(0, index, new - old)
+
+    def merge(self, names: list[str], safe_merge: bool = False) -> None:
+        """The adapters' rows written into the base weight (exactly; a tied layer's weight is the embedding's,
+        merged there)."""
+        names = [n for n in names if n in self.r]
+        if self.tied or not names:
+            return
+        if safe_merge and not all(torch.isfinite(self.trainable_tokens_delta[n]).all() for n in names):
+            raise ValueError(f"NaNs detected in the trainable tokens of {', '.join(names)} (base weights untouched)")
+        with torch.no_grad():
+            self.base_layer.weight.copy_(self._weight(names))
+
+    def unmerge(self, names: list[str]) -> None:
+        names = [n for n in names if n in self.r]
+        if self.tied or not names:
+            return
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            for name in reversed(names):
+                index = torch.tensor(self.token_indices[name], device=weight.device)
+                weight.index_copy_(0, index, self._original[name].to(weight))
+
+    def _weight(self, names: list[str]) -> torch.Tensor:
+        weight = self.base_layer.weight
+        for name in names:
+            index = torch.tensor(self.token_indices[name], device=weight.device)
+            weight = weight.index_copy(0, index, self.trainable_tokens_delta[name].to(weight.dtype))
+        return weight
+
+    def _embed(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+        base, weight = self.base_layer, self._weight(names)
+        if isinstance(base, nn.Embedding):
+            out = F.embedding(x, weight, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq,
+                              base.sparse)  # fmt: skip
+            embed_scale = getattr(base, "embed_scale", None)
+            return out * embed_scale.to(out.dtype) if embed_scale is not None else out
+        return F.linear(x, weight, base.bias)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        selection = self.state.current()
+        if isinstance(selection, RowGroups):
+            out = None
+            for name, index in selection.groups:
+                part = self._embed(x[index], [name] if name in self.r else [])
+                out = part.new_empty((selection.batch_size, *part.shape[1:])) if out is None else out
+                out[index] = part
+            return out
+        names = [n for n in selection if n in self.r]
+        return self._embed(x, names) if names else self.base_layer(x, *args, **kwargs)
+
+
 def _add_rows(result: torch.Tensor, x: torch.Tensor, rows: RowGroups, layer: LoraLayer) -> torch.Tensor:
     """Add each row group's own adapter delta (mixed-adapter batches); ``__base__`` rows stay as they are."""
     out = result.clone()

@@ -22,7 +22,7 @@ from ..folders import adapter_dir, validate_adapter_name
 from ..loss import can_chunk, causal_lm_forward
 from . import combine
 from .inject import factor_numel, inject
-from .layer import AdapterState, Conv, Embedding, Linear, LoraLayer, ModulesToSaveWrapper, RowGroups
+from .layer import AdapterState, Conv, Embedding, Linear, LoraLayer, ModulesToSaveWrapper, RowGroups, TrainableTokens
 
 BASE = "__base__"
 
@@ -381,6 +381,8 @@ class PeftModel(nn.Module):
             elif isinstance(layer, Embedding) and adapter_name in layer.r:
                 out[f"{p}{path}.lora_embedding_A"] = layer.lora_embedding_A[adapter_name]
                 out[f"{p}{path}.lora_embedding_B"] = layer.lora_embedding_B[adapter_name]
+            elif isinstance(layer, TrainableTokens) and adapter_name in layer.r and not layer.tied:
+                out[f"{p}{path}.token_adapter.trainable_tokens_delta"] = layer.trainable_tokens_delta[adapter_name]
             if isinstance(layer, LoraLayer) and adapter_name in layer.lora_magnitude_vector:  # DoRA
                 out[f"{p}{path}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter_name]
             elif isinstance(layer, ModulesToSaveWrapper) and adapter_name in layer.modules_to_save:
@@ -406,7 +408,7 @@ class PeftModel(nn.Module):
         if save_embedding_layers is False or get_in is None:
             return {}
         config = self.peft_config[adapter_name]
-        targeted = _targets_embeddings(self.base_model, config)
+        targeted = _targets_embeddings(self.base_model, config) and config.trainable_token_indices is None
         if save_embedding_layers == "auto" and not targeted and not self._vocab_resized(config):
             return {}
         names = {id(m): n for n, m in self.base_model.named_modules()}
@@ -574,11 +576,15 @@ class PeftModel(nn.Module):
             raise ValueError(f"Got {len(weights)} weights for {len(adapters)} adapters")
         configs = [self.peft_config[a] for a in adapters]
         convs = {a for _, layer in self._layers() if isinstance(layer, Conv) for a in adapters if a in layer.r}
-        variants = [a for a, c in zip(adapters, configs) if c.use_dora or c.lora_bias or a in convs]
+        variants = [
+            a
+            for a, c in zip(adapters, configs)
+            if c.use_dora or c.lora_bias or c.trainable_token_indices or a in convs
+        ]
         if variants:
             raise ValueError(
-                f"add_weighted_adapter combines plain LoRA factors of linear layers; {variants} use DoRA, lora_bias "
-                "or convolution layers, which it does not combine: merge them one at a time with merge_and_unload"
+                f"add_weighted_adapter combines plain LoRA factors of linear layers; {variants} use DoRA, lora_bias, "
+                "trainable tokens or convolution layers, which it does not combine: merge them one at a time with merge_and_unload"
             )
         if sum(bool(c.modules_to_save) for c in configs) > 1:
             raise ValueError("Cannot add a weighted adapter when several adapters have modules_to_save")
