@@ -31,7 +31,6 @@ _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     "ensure_weight_tying": False,
     "eva_config": None,
     "kasa_config": None,
-    "layer_replication": None,
     "loftq_config": {},
     "lora_ga_config": None,
     "megatron_config": None,
@@ -89,6 +88,7 @@ class LoraConfig(PeftConfig):
     use_dora: bool = False
     lora_bias: bool = False
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    layer_replication: list[list[int]] | None = None
     modules_to_save: list[str] | None = None
     fan_in_fan_out: bool = False
     init_lora_weights: bool | str = True
@@ -149,6 +149,13 @@ class LoraConfig(PeftConfig):
                 f"trainable_token_indices and modules_to_save both name {sorted(set(tokens) & set(self.modules_to_save))}:"
                 " train the layer fully (modules_to_save) or some of its rows (trainable_token_indices), not both"
             )
+        spans = self.layer_replication
+        if spans is not None and not (
+            isinstance(spans, (list, tuple)) and spans
+            and all(isinstance(x, (list, tuple)) and len(x) == 2 and all(_is_int(i) for i in x) and 0 <= x[0] < x[1]
+                    for x in spans)
+        ):  # fmt: skip
+            problems.append(f"layer_replication={spans!r}: a list of [start, end) layer ranges, e.g. [[0, 4], [2, 5]]")
         if self.use_dora is True and self.lora_bias is True:
             problems.append("use_dora and lora_bias are both true: DoRA has no lora_bias (as in peft); drop one")
         for name in ("use_rslora", "use_dora", "lora_bias", "fan_in_fan_out", "inference_mode"):

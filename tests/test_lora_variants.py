@@ -392,3 +392,29 @@ def test_training_changes_only_the_chosen_rows(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="matches no module; embedding layers"):
         ours.get_peft_model(_tied_llama(False), ours.LoraConfig(target_modules=["q_proj"],
                                                                 trainable_token_indices={"embeddings": [1]}))  # fmt: skip
+
+
+def test_layer_replication_matches_peft_both_ways(tmp_path: Path) -> None:
+    config = dict(
+        r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False, layer_replication=[[0, 2], [1, 2]]
+    )
+    mine = ours.get_peft_model(tiny_llama(), ours.LoraConfig(**config))
+    layers = mine.get_base_model().model.layers
+    assert len(layers) == 3 and mine.get_base_model().config.num_hidden_layers == 3
+    assert layers[1].mlp.up_proj.weight is layers[2].mlp.up_proj.weight  # copies share the base weights ...
+    assert layers[1].self_attn.q_proj.lora_A["default"] is not layers[2].self_attn.q_proj.lora_A["default"]  # not LoRA
+    mine.save_pretrained(tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "ours")
+    assert torch.allclose(_logits(theirs), _logits(mine), atol=1e-5)
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**config))
+    theirs.save_pretrained(tmp_path / "peft")
+    back = ours.PeftModel.from_pretrained(tiny_llama(), tmp_path / "peft")
+    assert torch.allclose(_logits(back), _logits(theirs), atol=1e-5)
+    prompt = IDS[:1, :4]
+    with torch.no_grad():  # the KV cache has one slot per layer, copies included
+        assert torch.equal(back.generate(prompt, max_new_tokens=5, do_sample=False),
+                           theirs.generate(prompt, max_new_tokens=5, do_sample=False))  # fmt: skip
+    with pytest.raises(ValueError, match="share their base weights"):
+        back.merge_adapter()
+    with pytest.raises(ValueError, match="every adapter must use that layer_replication"):
+        back.add_adapter("other", ours.LoraConfig(target_modules=["q_proj"], layer_replication=[[0, 1]]))

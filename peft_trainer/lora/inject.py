@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 import warnings
 from collections.abc import Iterator
@@ -205,8 +206,11 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 def inject(model: nn.Module, config: LoraConfig, name: str, state: AdapterState) -> list[nn.Module]:
     """Add adapter ``name`` to every target of ``model`` (in place); returns the LoRA layers and wrappers touched.
 
-    Raises before changing anything when a target is unsupported or already holds ``name``.
+    Raises before changing anything when a target is unsupported or already holds ``name``. With
+    ``layer_replication`` the decoder layers are replicated first (see :func:`replicate_layers`).
     """
+    if config.layer_replication:
+        replicate_layers(model, config.layer_replication)
     resolve_targets(model, config)
     targets = find_targets(model, config)
     for key in targets:
@@ -264,6 +268,46 @@ def inject(model: nn.Module, config: LoraConfig, name: str, state: AdapterState)
         wrapped[key] = module
         touched.append(module)
     return touched
+
+
+def _decoder_layers(model: nn.Module) -> tuple[nn.Module, str]:
+    """The module holding the decoder layers and the ModuleList's attribute name (Llama-, BERT- and Falcon-like)."""
+    root = model
+    while hasattr(root, "model"):
+        root = root.model
+    root = getattr(root, "bert", root)
+    for holder, attr in ((root, "layers"), (getattr(root, "encoder", None), "layer"), (root, "h")):
+        if holder is not None and isinstance(getattr(holder, attr, None), nn.ModuleList):
+            return holder, attr
+    raise ValueError("layer_replication needs a model whose layers are a ModuleList (Llama, BERT or Falcon-like)")
+
+
+def replicate_layers(model: nn.Module, layer_map: list[list[int]]) -> None:
+    """peft's layer_replication: the layers become those of each [start, end) range in turn, copies sharing their
+    base weights (``[[0, 4], [2, 5]]`` turns 5 layers into 0, 1, 2, 3, 2, 3, 4). Done once per model; each copy
+    then gets LoRA layers of its own."""
+    done = getattr(model, "_peft_trainer_layer_map", None)
+    if done is not None:
+        if done != [list(x) for x in layer_map]:
+            raise ValueError(f"the layers were replicated with {done}; every adapter must use that layer_replication")
+        return
+    holder, attr = _decoder_layers(model)
+    layers = getattr(holder, attr)
+    if max(end for _, end in layer_map) > len(layers):
+        raise ValueError(f"layer_replication={layer_map} reaches past the model's {len(layers)} layers")
+    copies = []
+    for start, end in layer_map:
+        for i in range(start, end):
+            shared = {id(t): t for t in (*layers[i].parameters(), *layers[i].buffers())}
+            copy_ = copy.deepcopy(layers[i], memo=shared)  # a new module tree around the same tensors
+            for sub in copy_.modules():
+                if hasattr(sub, "layer_idx"):  # the KV cache slot
+                    sub.layer_idx = len(copies)
+            copies.append(copy_)
+    setattr(holder, attr, nn.ModuleList(copies))
+    if hasattr(getattr(model, "config", None), "num_hidden_layers"):
+        model.config.num_hidden_layers = len(copies)
+    model._peft_trainer_layer_map = [list(x) for x in layer_map]
 
 
 def _token_targets(

@@ -283,6 +283,11 @@ class PeftModel(nn.Module):
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"Adapter(s) {unknown} not found; available: {list(self.peft_config)}")
+        if getattr(self.base_model, "_peft_trainer_layer_map", None):
+            raise ValueError(
+                "Cannot merge with layer_replication: the replicated layers share their base weights, so each copy's "
+                "update would land in every copy. Keep the adapter unmerged"
+            )
         layers = [layer for _, layer in self._layers() if isinstance(layer, LoraLayer)]
         if safe_merge:  # check every layer before touching any weight
             for layer in layers:
