@@ -247,7 +247,44 @@ class LoraLayer(nn.Module):
         raise NotImplementedError
 
 
-class Linear(LoraLayer):
+class FactoredLayer(LoraLayer):
+    """A LoRA layer whose factors are modules, ``lora_A[name]`` and ``lora_B[name]`` (Linear and Conv)."""
+
+    def __init__(self, base_layer: nn.Module, state: AdapterState) -> None:
+        super().__init__(base_layer, state)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
+    def _add_factors(
+        self, name: str, a: nn.Module, b: nn.Module, r: int, alpha: float, dropout: float, init: bool | str,
+        use_rslora: bool,
+    ) -> None:  # fmt: skip
+        """Register A and B, initialized as peft does: true -> Kaiming A, 'gaussian' -> N(0, 1/r) A; B (and its
+        bias) zero for both, so the adapter starts as a no-op; false leaves the modules' random init."""
+        if init in (True, "gaussian"):
+            nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5)) if init is True else nn.init.normal_(
+                a.weight, std=1 / r
+            )
+            nn.init.zeros_(b.weight)
+            if b.bias is not None:
+                nn.init.zeros_(b.bias)
+        self.lora_A[name], self.lora_B[name] = a, b
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._set_scaling(name, r, alpha, use_rslora)
+
+    def _factor_tensors(self, name: str) -> tuple[torch.Tensor, ...]:
+        return self.lora_A[name].weight, self.lora_B[name].weight
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        extra = [self.lora_magnitude_vector[name]] if name in self.lora_magnitude_vector else []
+        return [*self.lora_A[name].parameters(), *self.lora_B[name].parameters(), *extra]
+
+    def _bias_delta(self, name: str) -> torch.Tensor | None:
+        bias = self.lora_B[name].bias
+        return None if bias is None else bias.detach().float() * self.scaling[name]
+
+
+class Linear(FactoredLayer):
     """LoRA around ``nn.Linear`` (also bitsandbytes 4/8-bit) or transformers' ``Conv1D`` (``fan_in_fan_out``).
 
     Forward: ``y = base(x) + s · B(A(dropout(x)))`` with A ``(r, in)``, B ``(out, r)``, s = alpha/r (or alpha/√r);
@@ -263,8 +300,6 @@ class Linear(LoraLayer):
             self.in_features, self.out_features = base_layer.weight.shape
         else:
             self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
-        self.lora_A = nn.ModuleDict()
-        self.lora_B = nn.ModuleDict()
 
     def update_layer(
         self, name: str, r: int, alpha: float, dropout: float, init: bool | str, use_rslora: bool,
@@ -274,23 +309,11 @@ class Linear(LoraLayer):
         dtype = self._adapter_dtype()
         a = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
         b = nn.Linear(r, self.out_features, bias=lora_bias, device=device, dtype=dtype)
-        if init in (True, "gaussian"):
-            nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5)) if init is True else nn.init.normal_(
-                a.weight, std=1 / r
-            )
-            nn.init.zeros_(b.weight)
-            if lora_bias:
-                nn.init.zeros_(b.bias)
-        self.lora_A[name], self.lora_B[name] = a, b
-        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self._set_scaling(name, r, alpha, use_rslora)
+        self._add_factors(name, a, b, r, alpha, dropout, init, use_rslora)
         if isinstance(init, str) and init != "gaussian":
             self._decompose_base(name, init)
         if use_dora:  # m starts as ‖W + ΔW‖: a DoRA adapter starts where its LoRA would
             self.lora_magnitude_vector[name] = nn.Parameter(self.weight_norm(name, read_weight(self.base_layer)))
-
-    def _factor_tensors(self, name: str) -> tuple[torch.Tensor, ...]:
-        return self.lora_A[name].weight, self.lora_B[name].weight
 
     def _decompose_base(self, name: str, init: str) -> None:
         """PiSSA / OLoRA (peft's semantics): A and B from the base weight W (out, in), and W keeps the residual
@@ -321,14 +344,6 @@ class Linear(LoraLayer):
             self.lora_B[name].weight.copy_(b.contiguous())
         residual = rows - s * (b @ a)
         write_weight(self.base_layer, residual.T if self.fan_in_fan_out else residual)
-
-    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
-        extra = [self.lora_magnitude_vector[name]] if name in self.lora_magnitude_vector else []
-        return [*self.lora_A[name].parameters(), *self.lora_B[name].parameters(), *extra]
-
-    def _bias_delta(self, name: str) -> torch.Tensor | None:
-        bias = self.lora_B[name].bias
-        return None if bias is None else bias.detach().float() * self.scaling[name]
 
     def _plain_only(self, name: str) -> bool:
         """DoRA and lora_bias adapters train through plain autograd ops (the fused functions know neither)."""
@@ -510,15 +525,13 @@ class Embedding(LoraLayer):
         return result.to(dtype)
 
 
-class Conv(LoraLayer):
+class Conv(FactoredLayer):
     """LoRA around ``nn.Conv1d/2d/3d`` (peft's semantics): A is a convolution like the base (kernel, stride, padding;
     no dilation) to r channels, B a 1x1 convolution back (grouped like the base), ``y = base(x) + s · B(A(x))``."""
 
     def __init__(self, base_layer: nn.Module, state: AdapterState) -> None:
         super().__init__(base_layer, state)
         self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
-        self.lora_A = nn.ModuleDict()
-        self.lora_B = nn.ModuleDict()
 
     def update_layer(
         self, name: str, r: int, alpha: float, dropout: float, init: bool | str, use_rslora: bool,
@@ -536,26 +549,7 @@ class Conv(LoraLayer):
         kwargs = {"device": base.weight.device, "dtype": self._adapter_dtype()}
         a = type(base)(self.in_features, r, base.kernel_size, base.stride, base.padding, bias=False, **kwargs)
         b = type(base)(r, self.out_features, ones, ones, groups=base.groups, bias=lora_bias, **kwargs)
-        if init in (True, "gaussian"):
-            nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5)) if init is True else nn.init.normal_(
-                a.weight, std=1 / r
-            )
-            nn.init.zeros_(b.weight)
-            if lora_bias:
-                nn.init.zeros_(b.bias)
-        self.lora_A[name], self.lora_B[name] = a, b
-        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self._set_scaling(name, r, alpha, use_rslora)
-
-    def _factor_tensors(self, name: str) -> tuple[torch.Tensor, ...]:
-        return self.lora_A[name].weight, self.lora_B[name].weight
-
-    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
-        return [*self.lora_A[name].parameters(), *self.lora_B[name].parameters()]
-
-    def _bias_delta(self, name: str) -> torch.Tensor | None:
-        bias = self.lora_B[name].bias
-        return None if bias is None else bias.detach().float() * self.scaling[name]
+        self._add_factors(name, a, b, r, alpha, dropout, init, use_rslora)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """ΔW (out, in, *kernel): B's 1x1 kernel applied to A's kernels, in float32."""
