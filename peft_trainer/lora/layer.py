@@ -220,6 +220,20 @@ class LoraLayer(nn.Module):
             bias = self.base_layer.bias
             bias.data.copy_((bias.detach().float() - sum(bias_deltas)).to(bias.dtype))
 
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The base output plus each selected adapter's (:meth:`add_output`), in the base output's dtype."""
+        result = self.base_layer(x, *args, **kwargs)
+        selection = self.state.current()
+        if not selection:
+            return result
+        if isinstance(selection, RowGroups):
+            return _add_rows(result, x, selection, self)
+        dtype = result.dtype
+        for name in selection:
+            if name in self.r:
+                result = self.add_output(name, result, x)
+        return result.to(dtype)
+
     def add_output(self, name: str, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``result`` (the base output so far) with adapter ``name``'s contribution for input ``x``."""
         return result + self.lora_delta(name, x)
@@ -511,19 +525,6 @@ class Embedding(LoraLayer):
         embed_scale = getattr(base, "embed_scale", None)
         return delta * embed_scale if embed_scale is not None else delta
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
-        selection = self.state.current()
-        if not selection:
-            return result
-        if isinstance(selection, RowGroups):
-            return _add_rows(result, x, selection, self)
-        dtype = result.dtype
-        for name in selection:
-            if name in self.r:
-                result = self.add_output(name, result, x)
-        return result.to(dtype)
-
 
 class Conv(FactoredLayer):
     """LoRA around ``nn.Conv1d/2d/3d`` (peft's semantics): A is a convolution like the base (kernel, stride, padding;
@@ -564,18 +565,6 @@ class Conv(FactoredLayer):
     def lora_delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
         a = self.lora_A[name]
         return self.lora_B[name](a(self.lora_dropout[name](x.to(a.weight.dtype)))) * self.scaling[name]
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
-        selection = self.state.current()
-        if not selection:
-            return result
-        if isinstance(selection, RowGroups):
-            return _add_rows(result, x, selection, self)
-        for name in selection:
-            if name in self.r:
-                result = result + self.lora_delta(name, x).to(result.dtype)
-        return result
 
 
 class TrainableTokens(LoraLayer):
