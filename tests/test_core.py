@@ -37,7 +37,7 @@ def test_scaling_rslora_and_patterns():
     cfg = LoraConfig(r=16, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "o_proj"],
                      rank_pattern={"o_proj": 4}, alpha_pattern={"layers.1.self_attn.q_proj": 32})  # fmt: skip
     model = get_peft_model(tiny_llama(), cfg)
-    layers = model.base_model.model.layers
+    layers = model.base_model.model.model.layers
     assert layers[0].self_attn.q_proj.scaling["default"] == 2.0
     assert layers[0].self_attn.o_proj.scaling["default"] == 4.0 and layers[0].self_attn.o_proj.r["default"] == 4
     assert layers[1].self_attn.q_proj.scaling["default"] == 8.0
@@ -61,7 +61,7 @@ def test_training_changes_only_adapter_parameters(inputs):
 def test_merge_unmerge_and_safe_merge_roundtrip(inputs):
     model = get_peft_model(tiny_llama(), LoraConfig(init_lora_weights=False, **QV))
     model.eval()
-    q = model.base_model.model.layers[0].self_attn.q_proj
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
     w0 = q.base_layer.weight.clone()
     unmerged = _logits(model, inputs)
     model.merge_adapter(safe_merge=True)
@@ -77,7 +77,7 @@ def test_merge_unmerge_and_safe_merge_roundtrip(inputs):
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_safe_merge_refuses_broken_adapter_and_leaves_base_untouched(bad):
     model = get_peft_model(tiny_llama(), LoraConfig(init_lora_weights=False, **QV))
-    layer = model.base_model.model.layers[1].self_attn.v_proj
+    layer = model.base_model.model.model.layers[1].self_attn.v_proj
     layer.lora_B["default"].weight.data[0, 0] = bad
     before = {k: v.clone() for k, v in model.base_model.state_dict().items() if "base_layer" in k}
     with pytest.raises(

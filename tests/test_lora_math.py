@@ -33,12 +33,12 @@ def test_gradients_match_plain_reference(p, fan_in_fan_out):
     if fan_in_fan_out:
         model = get_peft_model(tiny_gpt2().double(), LoraConfig(r=4, lora_dropout=p, target_modules=["c_attn"],
                                                                 init_lora_weights=False))  # fmt: skip
-        layer = model.base_model.transformer.h[0].attn.c_attn
+        layer = model.base_model.model.transformer.h[0].attn.c_attn
     else:
         base = nn.Sequential(nn.Linear(24, 40).double())
         model = get_peft_model(base, LoraConfig(r=4, lora_alpha=12, lora_dropout=p, target_modules=["0"],
                                                 init_lora_weights=False))  # fmt: skip
-        layer = model.base_model[0]
+        layer = model.base_model.model[0]
     model.train()
     x = torch.randn(3, 7, layer.in_features, dtype=torch.float64, requires_grad=True)
     grad_out = torch.randn(3, 7, layer.out_features, dtype=torch.float64)
@@ -74,7 +74,7 @@ def test_eval_mode_has_no_dropout_and_matches_training_formula_without_it():
     model.eval()
     first, second = model(x), model(x)
     assert torch.equal(first, second)
-    layer = model.base_model[0]
+    layer = model.base_model.model[0]
     expected = layer.base_layer(x) + layer.lora_delta("default", x)
     torch.testing.assert_close(first, expected)
 
@@ -84,7 +84,7 @@ def test_no_grad_outputs_follow_every_change_to_the_adapter():
     the Trainer's default, does not even bump the parameters' version counters)."""
     base = nn.Sequential(nn.Linear(16, 24))
     model = get_peft_model(base, LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))
-    layer, seen = model.base_model[0], []
+    layer, seen = model.base_model.model[0], []
     x = torch.randn(3, 5, 16)
 
     def check():
@@ -121,7 +121,7 @@ def test_no_grad_outputs_follow_every_change_to_the_adapter():
 def test_no_grad_output_on_a_bfloat16_base_matches_the_formula():
     model = get_peft_model(nn.Sequential(nn.Linear(16, 24).to(torch.bfloat16)),
                            LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))  # fmt: skip
-    layer, x = model.base_model[0], torch.randn(1, 5, 16, dtype=torch.bfloat16)
+    layer, x = model.base_model.model[0], torch.randn(1, 5, 16, dtype=torch.bfloat16)
     assert layer.lora_A["default"].weight.dtype == torch.float32  # adapters of 16-bit bases train in float32
     with torch.no_grad():
         expected = (layer.base_layer(x).float() + layer.lora_delta("default", x)).to(torch.bfloat16)
@@ -132,7 +132,7 @@ def test_no_grad_output_on_a_bfloat16_base_matches_the_formula():
 def test_fused_linear_path_gives_base_weight_and_bias_gradients_when_they_train(p):
     model = get_peft_model(nn.Sequential(nn.Linear(24, 40)), LoraConfig(r=4, lora_dropout=p, target_modules=["0"],
                                                                         init_lora_weights=False))  # fmt: skip
-    layer = model.base_model[0]
+    layer = model.base_model.model[0]
     layer.base_layer.weight.requires_grad_(True)
     layer.base_layer.bias.requires_grad_(True)
     model.train()
@@ -198,13 +198,13 @@ def test_autocast_runs_the_lora_math_in_its_dtype_with_float32_adapter_gradients
     if case == "conv1d":
         model = get_peft_model(tiny_gpt2(), LoraConfig(r=4, lora_dropout=p, target_modules=["c_attn"],
                                                        init_lora_weights=False))  # fmt: skip
-        layer = model.base_model.transformer.h[0].attn.c_attn
+        layer = model.base_model.model.transformer.h[0].attn.c_attn
     else:
         dtype = torch.bfloat16 if case.startswith("bfloat16") else torch.float32
         base = nn.Sequential(nn.Linear(24, 40).to(dtype))
         model = get_peft_model(base, LoraConfig(r=4, lora_alpha=12, lora_dropout=p, target_modules=["0"],
                                                 init_lora_weights=False))  # fmt: skip
-        layer = model.base_model[0]
+        layer = model.base_model.model[0]
     model.train()
     dtype = layer.base_layer.weight.dtype
     x = torch.randn(3, 7, layer.in_features, dtype=dtype, requires_grad=True)
@@ -228,7 +228,7 @@ def test_train_mode_without_grad_applies_dropout_as_with_grad():
     """``torch.no_grad()`` in train mode drops out as ``nn.Dropout`` (and peft) do; eval mode does not."""
     model = get_peft_model(nn.Sequential(nn.Linear(16, 24)), LoraConfig(r=4, lora_dropout=0.5, target_modules=["0"],
                                                                           init_lora_weights=False))  # fmt: skip
-    layer, x = model.base_model[0], torch.randn(2, 5, 16)
+    layer, x = model.base_model.model[0], torch.randn(2, 5, 16)
     model.train()
     torch.manual_seed(3)
     with torch.no_grad():

@@ -87,11 +87,11 @@ def test_a_training_step_gives_peft_gradients(name: str, tmp_path: Path) -> None
 
 def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Gradients of the trainable parameters under one naming for ours and peft's: "<module>.lora_A.weight",
-    "<module>.lora_magnitude_vector" (peft's wrapper adds "model." and the adapter name, and nests magnitudes)."""
-    out, prefix = {}, "base_model.model." if isinstance(model, peft.PeftModel) else "base_model."
+    "<module>.lora_magnitude_vector" (peft's DoRA nests the magnitude in a module)."""
+    out = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            name = name.removeprefix(prefix).replace(".default", "")
+            name = name.replace(".default", "")
             out[name.replace("lora_magnitude_vector.weight", "lora_magnitude_vector")] = p.grad
     return out
 
@@ -209,7 +209,7 @@ def test_pissa_and_olora_decompose_the_base_as_peft_does(init: str) -> None:
     mine = ours.get_peft_model(tiny_llama(), ours.LoraConfig(**targets))
     torch.manual_seed(3)
     theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**targets))
-    layers = mine.base_model.model.layers[1].mlp.down_proj, theirs.base_model.model.model.layers[1].mlp.down_proj
+    layers = mine.base_model.model.model.layers[1].mlp.down_proj, theirs.base_model.model.model.layers[1].mlp.down_proj
     for attr in ("lora_A", "lora_B"):
         assert torch.allclose(getattr(layers[0], attr)["default"].weight, getattr(layers[1], attr)["default"].weight)
     assert torch.allclose(layers[0].base_layer.weight, layers[1].base_layer.weight)  # the residual W - s·BA

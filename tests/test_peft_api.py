@@ -54,6 +54,30 @@ def test_state_dicts_round_trip_with_peft() -> None:
         ours.set_peft_model_state_dict(mine, bad)
 
 
+def test_in_memory_model_reads_as_peft_s() -> None:
+    """PeftModel.base_model is a LoraModel holding the transformers model as .model: state_dict keys and module
+    paths are peft's, and the LoraModel's adapter methods act on the PeftModel."""
+    config = dict(r=4, target_modules=TARGETS, modules_to_save=["lm_head"], init_lora_weights=False)
+    mine = ours.get_peft_model(tiny_llama(), ours.LoraConfig(**config))
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**config))
+    mine.add_adapter("other", ours.LoraConfig(r=2, target_modules=["q_proj"]))
+    theirs.add_adapter("other", peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    assert list(mine.state_dict()) == list(theirs.state_dict())
+    assert type(mine.base_model).__name__ == type(theirs.base_model).__name__ == "LoraModel"
+    assert mine.base_model.model is mine.get_base_model() and isinstance(mine.base_model.model, LlamaForCausalLM)
+    for model in (mine, theirs):
+        model.base_model.set_adapter(["default", "other"])
+    assert mine.active_adapters == theirs.active_adapters == ["default", "other"]
+    with torch.no_grad():
+        active = mine.eval()(IDS).logits
+        mine.base_model.disable_adapter_layers()
+        base = mine(IDS).logits
+        with mine.disable_adapter():
+            assert torch.equal(mine(IDS).logits, base)
+        mine.base_model.enable_adapter_layers()
+        assert torch.equal(mine(IDS).logits, active) and not torch.equal(active, base)
+
+
 class MLP(nn.Module):
     """The custom model of PEFT's "custom models" guide."""
 
@@ -126,9 +150,7 @@ def test_loraplus_groups_and_training_match_peft(tmp_path) -> None:
     names = [{id(p): n for n, p in m.named_parameters()} for m in (mine, theirs)]
     for a, b in zip(groups_mine, groups_theirs, strict=True):
         assert (a["lr"], a["weight_decay"]) == (b["lr"], b["weight_decay"])
-        assert [names[0][id(p)].removeprefix("base_model.") for p in a["params"]] == [
-            names[1][id(p)].removeprefix("base_model.model.") for p in b["params"]
-        ]  # the same parameters in each group (peft's wrapper adds one level: base_model.model.)
+        assert [names[0][id(p)] for p in a["params"]] == [names[1][id(p)] for p in b["params"]]  # the same parameters
 
     # PeftTrainer with loraplus_lr_ratio trains like peft + Trainer with peft's LoRA+ optimizer.
     args = dict(max_steps=3, learning_rate=1e-2, weight_decay=0.1)

@@ -23,6 +23,7 @@ from ..loss import can_chunk, causal_lm_forward
 from . import combine
 from .inject import factor_numel, inject
 from .layer import AdapterState, Conv, Embedding, Linear, LoraLayer, ModulesToSaveWrapper, RowGroups, TrainableTokens
+from .lora_model import LoraModel
 
 BASE = "__base__"
 
@@ -49,7 +50,7 @@ class PeftModel(nn.Module):
                 "This model already has LoRA layers: wrap it once and call add_adapter() for more adapters, "
                 "or unload() the existing ones first"
             )
-        self.base_model = base_model
+        self.base_model = LoraModel(base_model, self)
         self.peft_config: dict[str, LoraConfig] = {}
         self.adapter_state = AdapterState()
         self._adapter_params: dict[str, list[nn.Parameter]] = {}
@@ -64,7 +65,7 @@ class PeftModel(nn.Module):
         except AttributeError:
             if name == "base_model":
                 raise
-            return getattr(self.base_model, name)
+            return getattr(self.get_base_model(), name)
 
     # ---- adapters -------------------------------------------------------------------------------------------
 
@@ -78,7 +79,8 @@ class PeftModel(nn.Module):
         return active[0] if len(active) == 1 else active
 
     def get_base_model(self) -> nn.Module:
-        return self.base_model
+        """The transformers model the adapters were injected into (``base_model.model``, as in peft)."""
+        return self.base_model.model
 
     def add_adapter(self, adapter_name: str, peft_config: LoraConfig) -> None:
         """Inject a new, inactive adapter; a duplicate or failing name leaves the model unchanged."""
@@ -89,7 +91,7 @@ class PeftModel(nn.Module):
             raise ValueError("Only one adapter per model can have bias != 'none'")
         config = copy.deepcopy(peft_config)
         try:
-            layers = inject(self.base_model, config, adapter_name, self.adapter_state)
+            layers = inject(self.get_base_model(), config, adapter_name, self.adapter_state)
         except Exception:
             self._remove_adapter_modules(adapter_name)
             raise
@@ -103,13 +105,13 @@ class PeftModel(nn.Module):
         if config.bias == "none":
             return []
         if config.bias == "lora_only":
-            layers = [m for m in self.base_model.modules() if isinstance(m, LoraLayer)]
+            layers = [m for m in self.get_base_model().modules() if isinstance(m, LoraLayer)]
             return [m.base_layer.bias for m in layers if getattr(m.base_layer, "bias", None) is not None]
         return [p for k, p in self._plain_named_parameters() if k.endswith(".bias")]
 
     def _plain_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """Base-model parameters outside LoRA factors and modules_to_save copies."""
-        for k, p in self.base_model.named_parameters():
+        for k, p in self.get_base_model().named_parameters():
             if ".lora_" not in k and ".modules_to_save." not in k and ".original_module." not in k:
                 yield k, p
 
@@ -137,7 +139,7 @@ class PeftModel(nn.Module):
                 self._set_trainable(name, True)
 
     def _layers(self) -> Iterator[tuple[str, LoraLayer | ModulesToSaveWrapper]]:
-        for path, module in self.base_model.named_modules():
+        for path, module in self.get_base_model().named_modules():
             if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
                 yield path, module
 
@@ -148,7 +150,7 @@ class PeftModel(nn.Module):
             if not layer.adapter_names:
                 plain = layer.base_layer if isinstance(layer, LoraLayer) else layer.original_module
                 parent, _, child = path.rpartition(".")
-                setattr(self.base_model.get_submodule(parent) if parent else self.base_model, child, plain)
+                setattr(self.get_base_model().get_submodule(parent) if parent else self.get_base_model(), child, plain)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
@@ -168,6 +170,18 @@ class PeftModel(nn.Module):
             state.refresh()
             for name in remaining:
                 self._set_trainable(name, not self.peft_config[name].inference_mode)
+
+    def disable_adapter_layers(self) -> None:
+        """Until :meth:`enable_adapter_layers`: the base model's output (merged adapters are unmerged first)."""
+        if self.adapter_state.merged:
+            warnings.warn("Unmerging the merged adapters to disable them.", stacklevel=2)
+            self.unmerge_adapter()
+        self.adapter_state.disabled = True
+        self.adapter_state.refresh()
+
+    def enable_adapter_layers(self) -> None:
+        self.adapter_state.disabled = False
+        self.adapter_state.refresh()
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -249,27 +263,29 @@ class PeftModel(nn.Module):
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         if adapter_names is None:
             if self.chunked_loss and self._chunkable(args, kwargs):
-                return causal_lm_forward(self.base_model, **kwargs)
-            return self.base_model(*args, **kwargs)
+                return causal_lm_forward(self.get_base_model(), **kwargs)
+            return self.get_base_model()(*args, **kwargs)
         with self._rows(adapter_names, *self._batch_of(args, kwargs)):
-            return self.base_model(*args, **kwargs)
+            return self.get_base_model()(*args, **kwargs)
 
     def _chunkable(self, args: tuple, kwargs: dict) -> bool:
         return (
             not args and kwargs.get("labels") is not None and self.training and torch.is_grad_enabled()
-            and can_chunk(self.base_model)
+            and can_chunk(self.get_base_model())
         )  # fmt: skip
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         if adapter_names is None:
-            return self.base_model.generate(*args, **kwargs)
-        beams = kwargs.get("num_beams") or getattr(getattr(self.base_model, "generation_config", None), "num_beams", 1)
+            return self.get_base_model().generate(*args, **kwargs)
+        beams = kwargs.get("num_beams") or getattr(
+            getattr(self.get_base_model(), "generation_config", None), "num_beams", 1
+        )
         expanded = [n for n in adapter_names for _ in range(beams or 1)]
         batch, device = self._batch_of(args, kwargs)
         if len(adapter_names) != batch:
             expanded = adapter_names  # let _rows report the length mismatch
         with self._rows(expanded, len(expanded) if expanded is adapter_names else batch * (beams or 1), device):
-            return self.base_model.generate(*args, **kwargs)
+            return self.get_base_model().generate(*args, **kwargs)
 
     # ---- merge / unload -------------------------------------------------------------------------------------
 
@@ -283,7 +299,7 @@ class PeftModel(nn.Module):
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"Adapter(s) {unknown} not found; available: {list(self.peft_config)}")
-        if getattr(self.base_model, "_peft_trainer_layer_map", None):
+        if getattr(self.get_base_model(), "_peft_trainer_layer_map", None):
             raise ValueError(
                 "Cannot merge with layer_replication: the replicated layers share their base weights, so each copy's "
                 "update would land in every copy. Keep the adapter unmerged"
@@ -322,12 +338,12 @@ class PeftModel(nn.Module):
                 keep = next((n for n in chosen if n in layer.modules_to_save), None) if merge else None
                 plain = layer.modules_to_save[keep] if keep else layer.original_module
             parent, _, child = path.rpartition(".")
-            setattr(self.base_model.get_submodule(parent) if parent else self.base_model, child, plain)
+            setattr(self.get_base_model().get_submodule(parent) if parent else self.get_base_model(), child, plain)
         self.peft_config.clear()
         self._adapter_params.clear()
         self.adapter_state.active, self.adapter_state.merged = (), []
         self.adapter_state.refresh()
-        return self.base_model
+        return self.get_base_model()
 
     def merge_and_unload(
         self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
@@ -408,15 +424,15 @@ class PeftModel(nn.Module):
         those of LoRA-wrapped ``embed_tokens``/``lm_head`` layers when the adapter targets them, or the embedding
         modules themselves when the vocabulary was resized from the base model's ``config.json`` (a local base)."""
         get_in, get_out = (
-            getattr(self.base_model, f, None) for f in ("get_input_embeddings", "get_output_embeddings")
+            getattr(self.get_base_model(), f, None) for f in ("get_input_embeddings", "get_output_embeddings")
         )
         if save_embedding_layers is False or get_in is None:
             return {}
         config = self.peft_config[adapter_name]
-        targeted = _targets_embeddings(self.base_model, config) and config.trainable_token_indices is None
+        targeted = _targets_embeddings(self.get_base_model(), config) and config.trainable_token_indices is None
         if save_embedding_layers == "auto" and not targeted and not self._vocab_resized(config):
             return {}
-        names = {id(m): n for n, m in self.base_model.named_modules()}
+        names = {id(m): n for n, m in self.get_base_model().named_modules()}
         out = {}
         for layer in (get_in(), get_out() if get_out else None):
             if layer is None or id(layer) not in names:
@@ -438,7 +454,7 @@ class PeftModel(nn.Module):
 
         with open(file, encoding="utf-8") as f:
             vocab = json.load(f).get("vocab_size")
-        return vocab is not None and vocab != getattr(self.base_model.config, "vocab_size", vocab)
+        return vocab is not None and vocab != getattr(self.get_base_model().config, "vocab_size", vocab)
 
     def save_pretrained(
         self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
@@ -472,12 +488,12 @@ class PeftModel(nn.Module):
         config.inference_mode = True
         config.base_model_name_or_path = config.base_model_name_or_path or self._name_or_path()
         if config.task_type is None:
-            cls = type(self.base_model)
+            cls = type(self.get_base_model())
             config.auto_mapping = {"base_model_class": cls.__name__, "parent_library": cls.__module__}
         return config
 
     def _name_or_path(self) -> str | None:
-        return getattr(getattr(self.base_model, "config", None), "_name_or_path", None) or None
+        return getattr(getattr(self.get_base_model(), "config", None), "_name_or_path", None) or None
 
     def create_or_update_model_card(self, output_dir: str | os.PathLike, configs: dict | None = None) -> None:
         card.write_card(output_dir, *card.adapter_card(self._name_or_path(), configs or self.peft_config))
@@ -504,9 +520,9 @@ class PeftModel(nn.Module):
         """File keys of the base embedding parameters (wrapped: ``<m>.base_layer.weight``; or not), to the live ones."""
         out = {}
         for getter in ("get_input_embeddings", "get_output_embeddings"):
-            layer = getattr(self.base_model, getter, lambda: None)()
+            layer = getattr(self.get_base_model(), getter, lambda: None)()
             name = (
-                next((n for n, m in self.base_model.named_modules() if m is layer), None)
+                next((n for n, m in self.get_base_model().named_modules() if m is layer), None)
                 if layer is not None
                 else None
             )
@@ -688,7 +704,7 @@ def attach_adapter(
     with adapter ``name`` holding ``tensors``. A misfit (layer, shape) raises before anything changes; returns the
     PeftModel, in eval mode unless ``config.inference_mode`` is False."""
     peft = model if isinstance(model, PeftModel) else None
-    check_file_fits(peft.base_model if peft else model, config, tensors, source)
+    check_file_fits(peft.get_base_model() if peft else model, config, tensors, source)
     if peft is None:
         peft = peft_class(model, config, name)
         undo = peft.unload
@@ -781,7 +797,7 @@ def inject_adapter_in_model(
         p.requires_grad_(False)
     holder = PeftModel.__new__(PeftModel)  # the adapter registry and state, not registered as a submodule
     nn.Module.__init__(holder)
-    object.__setattr__(holder, "base_model", model)
+    object.__setattr__(holder, "base_model", LoraModel(model, holder))
     holder.peft_config, holder.adapter_state, holder._adapter_params = {}, AdapterState(), {}
     holder.add_adapter(adapter_name, peft_config)
     holder.set_adapter(adapter_name)

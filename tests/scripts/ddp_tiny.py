@@ -39,6 +39,7 @@ def main() -> None:
     dist.all_gather(gathered, tensors)
     same = all(torch.equal(gathered[0], g) for g in gathered)
     print(f"RANK {dist.get_rank()} ddp={type(ddp).__name__} find_unused={ddp.find_unused_parameters} same={same}")
+    dist.barrier()  # lets gloo's worker thread drop the all_gather's tensors before the interpreter exits
 
 
 if __name__ == "__main__":
