@@ -46,6 +46,13 @@ class PeftTrainingArguments(TrainingArguments):
         default_factory=lambda: ["all-linear"],
         metadata={"help": "Module names or dotted suffixes, or one regex / 'all-linear' (every linear but the head)."},
     )
+    lora_target_parameters: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "peft's target_parameters: LoRA on nn.Parameters such as MoE expert stacks "
+            "(e.g. experts.gate_up_proj experts.down_proj); needs lora_dropout 0."
+        },
+    )
     lora_modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules trained in full and saved with the adapter (e.g. lm_head)."}
     )
@@ -176,6 +183,7 @@ class PeftTrainingArguments(TrainingArguments):
             lora_alpha=self.lora_alpha,
             lora_dropout=self.lora_dropout,
             target_modules=self.lora_target_modules,
+            target_parameters=self.lora_target_parameters,
             modules_to_save=self.lora_modules_to_save,
             bias=self.lora_bias,
             use_rslora=self.use_rslora,

@@ -35,7 +35,6 @@ _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     "lora_ga_config": None,
     "megatron_config": None,
     "monteclora_config": None,
-    "target_parameters": None,
     "use_bdlora": None,
     "use_qalora": False,
     "velora_config": None,
@@ -82,6 +81,7 @@ class LoraConfig(PeftConfig):
     lora_alpha: float = 8
     lora_dropout: float = 0.0
     target_modules: list[str] | str | None = None
+    target_parameters: list[str] | None = None  # nn.Parameters by name or dotted suffix, e.g. "experts.down_proj"
     exclude_modules: list[str] | str | None = None
     bias: str = "none"
     use_rslora: bool = False
@@ -167,6 +167,11 @@ class LoraConfig(PeftConfig):
                 problems.append(f"{name}={value!r}: must be a list of module names, a regex string or null")
             elif isinstance(value, str) and not _is_regex(value):
                 problems.append(f"{name}={value!r}: not a valid regular expression")
+        params = self.target_parameters
+        if params is not None and not (isinstance(params, list) and _is_names(params)):
+            problems.append(
+                f"target_parameters={params!r}: must be a list of parameter names, e.g. ['experts.down_proj']"
+            )
         saved = self.modules_to_save
         if saved is not None and not (isinstance(saved, list) and _is_names(saved)):
             problems.append(f"modules_to_save={saved!r}: must be a list of module names or null")

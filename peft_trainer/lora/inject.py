@@ -11,6 +11,7 @@ from torch import nn
 
 from ..config import LoraConfig
 from .layer import AdapterState, Conv, Embedding, Linear, LoraLayer, ModulesToSaveWrapper, TrainableTokens
+from .param import ParamLayer, find_param_targets, param_layer, param_layer_owner
 
 # PEFT compresses long target lists to the shortest separating suffixes from this length on.
 MIN_TARGET_MODULES_FOR_OPTIMIZATION = 20
@@ -180,12 +181,32 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     raise ValueError(f"Target modules {config.target_modules} not found in the base model. {hint}")
 
 
+def _module_targets(model: nn.Module, config: LoraConfig, has_params: bool) -> list[str]:
+    """The modules to adapt; none needed when target_parameters matched (as in peft, target_modules may be [])."""
+    if has_params and not config.target_modules:
+        return []
+    try:
+        return find_targets(model, config)
+    except ValueError:
+        if not has_params:
+            raise
+        return []
+
+
 def factor_numel(model: nn.Module, config: LoraConfig) -> int:
     """How many numbers adapter ``config`` would put in LoRA factors on ``model``: r·(in + out) per target, counted
     without allocating anything. Resolves ``config``'s targets in place (pass a copy)."""
     resolve_targets(model, config)
+    params = find_param_targets(model, config, "")
     total = 0
-    for key in find_targets(model, config):
+    for path, parameter in params:
+        shape = param_layer_owner(model.get_submodule(path)).get_parameter(parameter).shape
+        total += (
+            pattern_value(config.rank_pattern, f"{path}.{parameter}", config.r)
+            * (shape[0] if len(shape) == 3 else 1)
+            * sum(shape[-2:])
+        )
+    for key in _module_targets(model, config, bool(params)):
         module = model.get_submodule(key)
         base = module.base_layer if isinstance(module, LoraLayer) else module
         if isinstance(base, nn.Embedding) or _is_conv1d(base):
@@ -212,7 +233,8 @@ def inject(model: nn.Module, config: LoraConfig, name: str, state: AdapterState)
     if config.layer_replication:
         replicate_layers(model, config.layer_replication)
     resolve_targets(model, config)
-    targets = find_targets(model, config)
+    params = find_param_targets(model, config, name)
+    targets = _module_targets(model, config, bool(params))
     for key in targets:
         module = model.get_submodule(key)
         if isinstance(module, LoraLayer) and name in module.r:
@@ -250,6 +272,16 @@ def inject(model: nn.Module, config: LoraConfig, name: str, state: AdapterState)
             name, r, alpha, config.lora_dropout, config.init_lora_weights, config.use_rslora,
             lora_bias=config.lora_bias, use_dora=config.use_dora,
         )  # fmt: skip
+        touched.append(module)
+    for path, parameter in params:
+        module = param_layer(model.get_submodule(path), parameter)
+        if module is None:
+            module = ParamLayer(model.get_submodule(path), state, parameter)
+            _set_module(model, path, module)
+        key = f"{path}.{parameter}"
+        r = pattern_value(config.rank_pattern, key, config.r)
+        alpha = pattern_value(config.alpha_pattern, key, config.lora_alpha)
+        module.update_layer(name, r, alpha, 0.0, config.init_lora_weights, config.use_rslora)
         touched.append(module)
     for key, module in list(candidate_modules(model)):
         if any(key.endswith(m) for m in config.modules_to_save or []):

@@ -24,6 +24,7 @@ from . import combine
 from .inject import factor_numel, inject
 from .layer import AdapterState, Conv, Embedding, Linear, LoraLayer, ModulesToSaveWrapper, RowGroups, TrainableTokens
 from .lora_model import LoraModel
+from .param import ParamLayer
 
 BASE = "__base__"
 
@@ -90,6 +91,13 @@ class PeftModel(nn.Module):
         if peft_config.bias != "none" and any(c.bias != "none" for c in self.peft_config.values()):
             raise ValueError("Only one adapter per model can have bias != 'none'")
         config = copy.deepcopy(peft_config)
+        others = {n: c.target_parameters for n, c in self.peft_config.items() if c.target_parameters}
+        for other, params in others.items():
+            if config.target_parameters and set(params) != set(config.target_parameters):
+                raise ValueError(
+                    f"Adapters with target_parameters must all target the same parameters (as in peft): "
+                    f"{sorted(config.target_parameters)} here, {sorted(params)} for adapter {other!r}"
+                )
         try:
             layers = inject(self.get_base_model(), config, adapter_name, self.adapter_state)
         except Exception:
@@ -145,7 +153,7 @@ class PeftModel(nn.Module):
 
     def _remove_adapter_modules(self, name: str) -> None:
         """Drop ``name`` from every layer and put back the plain module where no adapter is left."""
-        for path, layer in list(self._layers()):
+        for path, layer in reversed(list(self._layers())):  # innermost first: nested wrappers unwrap in place
             layer.delete_adapter(name)
             if not layer.adapter_names:
                 plain = layer.base_layer if isinstance(layer, LoraLayer) else layer.original_module
@@ -331,7 +339,7 @@ class PeftModel(nn.Module):
         if merge:
             self.merge_adapter(adapter_names, safe_merge=safe_merge)
         chosen = adapter_names or list(self.adapter_state.active)
-        for path, layer in list(self._layers()):
+        for path, layer in reversed(list(self._layers())):  # innermost first: nested wrappers unwrap in place
             if isinstance(layer, LoraLayer):
                 plain = layer.base_layer
             else:
@@ -394,7 +402,7 @@ class PeftModel(nn.Module):
         out: dict[str, torch.Tensor] = {}
         p = io.PREFIX
         for path, layer in self._layers():
-            if isinstance(layer, (Linear, Conv)) and adapter_name in layer.r:
+            if isinstance(layer, (Linear, Conv, ParamLayer)) and adapter_name in layer.r:
                 out[f"{p}{path}.lora_A.weight"] = layer.lora_A[adapter_name].weight
                 out[f"{p}{path}.lora_B.weight"] = layer.lora_B[adapter_name].weight
                 if layer.lora_B[adapter_name].bias is not None:  # lora_bias
@@ -600,12 +608,12 @@ class PeftModel(nn.Module):
         variants = [
             a
             for a, c in zip(adapters, configs)
-            if c.use_dora or c.lora_bias or c.trainable_token_indices or a in convs
+            if c.use_dora or c.lora_bias or c.trainable_token_indices or c.target_parameters or a in convs
         ]
         if variants:
             raise ValueError(
                 f"add_weighted_adapter combines plain LoRA factors of linear layers; {variants} use DoRA, lora_bias, "
-                "trainable tokens or convolution layers, which it does not combine: merge them one at a time with merge_and_unload"
+                "trainable tokens, target_parameters or convolution layers, which it does not combine: merge them one at a time with merge_and_unload"
             )
         if sum(bool(c.modules_to_save) for c in configs) > 1:
             raise ValueError("Cannot add a weighted adapter when several adapters have modules_to_save")
