@@ -219,7 +219,7 @@ def factor_numel(model: nn.Module, config: LoraConfig) -> int:
     return total
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
@@ -265,7 +265,7 @@ def inject(model: nn.Module, config: LoraConfig, name: str, state: AdapterState)
                     )
                     config.fan_in_fan_out = conv1d
                 module = Linear(module, state, fan_in_fan_out=conv1d)
-            _set_module(model, key, module)
+            set_module(model, key, module)
         r = pattern_value(config.rank_pattern, key, config.r)
         alpha = pattern_value(config.alpha_pattern, key, config.lora_alpha)
         module.update_layer(
@@ -277,7 +277,7 @@ def inject(model: nn.Module, config: LoraConfig, name: str, state: AdapterState)
         module = param_layer(model.get_submodule(path), parameter)
         if module is None:
             module = ParamLayer(model.get_submodule(path), state, parameter)
-            _set_module(model, path, module)
+            set_module(model, path, module)
         key = f"{path}.{parameter}"
         r = pattern_value(config.rank_pattern, key, config.r)
         alpha = pattern_value(config.alpha_pattern, key, config.lora_alpha)
@@ -287,7 +287,7 @@ def inject(model: nn.Module, config: LoraConfig, name: str, state: AdapterState)
         if any(key.endswith(m) for m in config.modules_to_save or []):
             if not isinstance(module, ModulesToSaveWrapper):
                 module = ModulesToSaveWrapper(module, state)
-                _set_module(model, key, module)
+                set_module(model, key, module)
             module.update_layer(name)
             touched.append(module)
     wrapped: dict[str, TrainableTokens] = {}
@@ -295,7 +295,7 @@ def inject(model: nn.Module, config: LoraConfig, name: str, state: AdapterState)
         module = model.get_submodule(key)
         if not isinstance(module, TrainableTokens):
             module = TrainableTokens(module, state, tied=wrapped.get(tied_to) if tied_to else None)
-            _set_module(model, key, module)
+            set_module(model, key, module)
         module.update_layer(name, indices)
         wrapped[key] = module
         touched.append(module)

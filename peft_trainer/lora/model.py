@@ -21,7 +21,7 @@ from ..config import LoraConfig
 from ..folders import adapter_dir, validate_adapter_name
 from ..loss import can_chunk, causal_lm_forward
 from . import combine
-from .inject import factor_numel, inject
+from .inject import factor_numel, inject, set_module
 from .layer import AdapterState, Conv, Embedding, Linear, LoraLayer, ModulesToSaveWrapper, RowGroups, TrainableTokens
 from .lora_model import LoraModel
 from .param import ParamLayer
@@ -91,12 +91,15 @@ class PeftModel(nn.Module):
         if peft_config.bias != "none" and any(c.bias != "none" for c in self.peft_config.values()):
             raise ValueError("Only one adapter per model can have bias != 'none'")
         config = copy.deepcopy(peft_config)
-        others = {n: c.target_parameters for n, c in self.peft_config.items() if c.target_parameters}
-        for other, params in others.items():
-            if config.target_parameters and set(params) != set(config.target_parameters):
+        for other, c in self.peft_config.items():
+            if (
+                config.target_parameters
+                and c.target_parameters
+                and set(c.target_parameters) != set(config.target_parameters)
+            ):
                 raise ValueError(
                     f"Adapters with target_parameters must all target the same parameters (as in peft): "
-                    f"{sorted(config.target_parameters)} here, {sorted(params)} for adapter {other!r}"
+                    f"{sorted(config.target_parameters)} here, {sorted(c.target_parameters)} for adapter {other!r}"
                 )
         try:
             layers = inject(self.get_base_model(), config, adapter_name, self.adapter_state)
@@ -157,8 +160,7 @@ class PeftModel(nn.Module):
             layer.delete_adapter(name)
             if not layer.adapter_names:
                 plain = layer.base_layer if isinstance(layer, LoraLayer) else layer.original_module
-                parent, _, child = path.rpartition(".")
-                setattr(self.get_base_model().get_submodule(parent) if parent else self.get_base_model(), child, plain)
+                set_module(self.get_base_model(), path, plain)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
@@ -345,8 +347,7 @@ class PeftModel(nn.Module):
             else:
                 keep = next((n for n in chosen if n in layer.modules_to_save), None) if merge else None
                 plain = layer.modules_to_save[keep] if keep else layer.original_module
-            parent, _, child = path.rpartition(".")
-            setattr(self.get_base_model().get_submodule(parent) if parent else self.get_base_model(), child, plain)
+            set_module(self.get_base_model(), path, plain)
         self.peft_config.clear()
         self._adapter_params.clear()
         self.adapter_state.active, self.adapter_state.merged = (), []
