@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,16 @@ def parse_init(value: Any) -> bool | str:
     if isinstance(value, str) and value.lower() in ("true", "false"):
         return value.lower() == "true"
     return value
+
+
+def parse_layer_replication(value: Any) -> list[list[int]] | None:
+    """``layer_replication`` from Python/YAML (``[[0, 4], [2, 5]]``) or text (``"0-4,2-5"`` or that JSON)."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("["):
+        return json.loads(text)
+    return [[int(n) for n in span.split("-")] for span in text.split(",")] if text else None
 
 
 @dataclass
@@ -78,6 +89,13 @@ class PeftTrainingArguments(TrainingArguments):
         metadata={
             "help": "'true' (B=0, Kaiming A), 'gaussian', 'false' (random, not a no-op), or 'pissa', "
             "'pissa_niter_K', 'olora' (A and B from the base weight's SVD / QR; the base keeps the residual)."
+        },
+    )
+    layer_replication: str | None = field(
+        default=None,
+        metadata={
+            "help": "peft's layer_replication: the decoder layers become these [start, end) ranges in turn, copies "
+            "sharing base weights, each with its own LoRA (e.g. '0-4,2-5' or [[0, 4], [2, 5]] in a recipe).",
         },
     )
     adapter_name: str = field(default="default", metadata={"help": "Name of the trained adapter."})
@@ -158,6 +176,10 @@ class PeftTrainingArguments(TrainingArguments):
                 "'pissa_niter_K' (e.g. pissa_niter_4) or 'olora'"
             )
         try:
+            LoraConfig(layer_replication=parse_layer_replication(self.layer_replication))
+        except ValueError:
+            p.append(f"layer_replication={self.layer_replication!r}: use [start, end) layer ranges, e.g. '0-4,2-5'")
+        try:
             validate_adapter_name(self.adapter_name)
         except ValueError as e:
             p.append(f"adapter_name: {e}")
@@ -191,6 +213,7 @@ class PeftTrainingArguments(TrainingArguments):
             lora_bias=self.lora_b_bias,
             trainable_token_indices=self.lora_trainable_token_indices,
             init_lora_weights=parse_init(self.init_lora_weights),
+            layer_replication=parse_layer_replication(self.layer_replication),
             task_type=task_type,
             base_model_name_or_path=self.base_model_name_or_path,
         )

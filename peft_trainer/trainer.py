@@ -36,7 +36,7 @@ from .arguments import PeftTrainingArguments
 from .config import LoraConfig
 from .folders import ADAPTER_FILES, adapter_dir, missing_files, subfolder_of
 from .hub import STAGING_PREFIX
-from .lora.model import PeftModel, get_peft_model
+from .lora.model import PeftModel, as_plain_lora, get_peft_model
 from .models import _HUB_ID
 from .quantization import bitsandbytes_config, is_kbit, prepare_model_for_kbit_training
 
@@ -107,6 +107,26 @@ def _fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
+def _initial_factors(model: PeftModel) -> dict[str, dict[str, torch.Tensor]]:
+    """The starting A/B factors (on the CPU) of each PiSSA/OLoRA adapter that can be converted to a plain LoRA."""
+    out = {}
+    for name, config in model.peft_config.items():
+        init = config.init_lora_weights
+        if not (isinstance(init, str) and init.startswith(("pissa", "olora"))):
+            continue
+        if config.use_dora or config.lora_bias:
+            logger.warning(
+                "Adapter %r: init_lora_weights=%r with DoRA/lora_bias cannot be written as a plain LoRA; it is saved "
+                "as trained, for a base that holds the PiSSA/OLoRA residual (as peft does)", name, init,
+            )  # fmt: skip
+            continue
+        out[name] = {
+            k: t.detach().to("cpu", copy=True)
+            for k, t in model.adapter_tensors(name).items() if k.endswith((".lora_A.weight", ".lora_B.weight"))
+        }  # fmt: skip
+    return out
+
+
 class PeftTrainer(Trainer):
     """``transformers.Trainer`` for LoRA/QLoRA with this project's PeftModel; checkpoints hold only adapters.
 
@@ -157,6 +177,7 @@ class PeftTrainer(Trainer):
             name: {by_id[id(t)]: key for key, t in model.adapter_tensors(name).items() if id(t) in by_id}
             for name in model.peft_config
         }
+        self._initial_factors = _initial_factors(model)
         trainable, total = model.get_nb_trainable_parameters()
         logger.info(
             "trainable params: %s || all params: %s || trainable%%: %.4f",
@@ -496,13 +517,24 @@ class PeftTrainer(Trainer):
             return
         os.makedirs(output_dir, exist_ok=True)
         model = self._peft_model()
+        # A PiSSA/OLoRA adapter leaves the trainer as a plain LoRA for the original base; checkpoints, which are
+        # loaded back into this model (whose base holds the residual), keep its own factors.
+        initial = self._initial_factors if self._staging_dir is None else {}
         if state_dict is None:
-            model.save_pretrained(output_dir)
+            for name in model.peft_config:
+                model.save_pretrained(
+                    output_dir, selected_adapters=[name], path_initial_model_for_weight_conversion=initial.get(name)
+                )
+            if len(model.peft_config) > 1:
+                model.create_or_update_model_card(output_dir)
         else:  # gathered by FSDP, keyed by parameter name
             for name, fqns in self._adapter_fqns.items():
                 if all(fqn in state_dict for fqn in fqns):
                     tensors = {key: state_dict[fqn] for fqn, key in fqns.items()}
-                    io.save_adapter(adapter_dir(output_dir, name), tensors, model.config_for_saving(name))
+                    config = model.config_for_saving(name)
+                    if name in initial:
+                        tensors, config = as_plain_lora(tensors, config, initial[name])
+                    io.save_adapter(adapter_dir(output_dir, name), tensors, config)
             model.create_or_update_model_card(output_dir)
         tokenizer = self.processing_class
         tokenizer = tokenizer if tokenizer is not None else getattr(self.data_collator, "tokenizer", None)

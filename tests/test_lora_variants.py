@@ -7,6 +7,7 @@ unmerged forward and unmerge restores the weights, a mixed-adapter batch equals 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import peft
@@ -249,17 +250,23 @@ def _perturb_factors(model: torch.nn.Module) -> None:
                 p.add_(torch.randn_like(p) * 0.05)
 
 
-def test_a_pissa_adapter_from_peft_trainer_loads_on_the_original_base(tmp_path: Path) -> None:
-    """Loading a PiSSA adapter decomposes the original base again (deterministic SVD), as peft does."""
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_2", "olora"])
+def test_a_pissa_adapter_from_peft_trainer_is_a_plain_lora_for_the_original_base(init: str, tmp_path: Path) -> None:
+    """PeftTrainer writes the trained PiSSA/OLoRA adapter converted (rank 2r, plain init), so any loader, a shared
+    base (the Space) or a randomized-SVD init gets the trained model; its checkpoints keep the factors themselves."""
     from tests.trainer_helpers import fast_args, token_dataset
 
-    args = fast_args(tmp_path, init_lora_weights="pissa", lora_r=4, lora_target_modules=["q_proj", "v_proj"],
-                     max_steps=3, learning_rate=5e-2)  # fmt: skip
+    args = fast_args(tmp_path, init_lora_weights=init, lora_r=4, lora_target_modules=["q_proj", "v_proj"],
+                     max_steps=3, learning_rate=5e-2, save_strategy="steps", save_steps=2)  # fmt: skip
     trainer = ours.PeftTrainer(tiny_llama(), args, train_dataset=token_dataset(12))
     trainer.train()
     trainer.save_model()
     trained = _logits(trainer.model)
     assert not torch.allclose(trained, _logits(tiny_llama()), atol=1e-4)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (saved["r"], saved["lora_alpha"], saved["init_lora_weights"]) == (8, 16, True)
+    checkpoint = json.loads((tmp_path / "checkpoint-2" / "adapter_config.json").read_text())
+    assert (checkpoint["r"], checkpoint["init_lora_weights"]) == (4, init)
     for loader in (ours.PeftModel, peft.PeftModel):
         assert torch.allclose(_logits(loader.from_pretrained(tiny_llama(), tmp_path)), trained, atol=1e-5)
 

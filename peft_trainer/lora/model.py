@@ -474,8 +474,9 @@ class PeftModel(nn.Module):
         embedding matrices beside it as peft's ``save_embedding_layers`` does (see :meth:`embedding_tensors`).
 
         ``path_initial_model_for_weight_conversion``: the folder this PiSSA/OLoRA adapter was saved to right after
-        ``get_peft_model`` (before training). The adapter is then written as a plain LoRA of rank 2r for the
-        *original* base, ΔW = BA - B₀A₀ = [B | -B₀][A ; A₀] (peft's conversion)."""
+        ``get_peft_model`` (before training), or those initial factors as ``{file key: tensor}``. The adapter is then
+        written as a plain LoRA of rank 2r for the *original* base, ΔW = BA - B₀A₀ = [B | -B₀][A ; A₀] (peft's
+        conversion)."""
         if os.path.isfile(save_directory):
             raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
@@ -488,7 +489,7 @@ class PeftModel(nn.Module):
             tensors = {**self.adapter_tensors(name), **self.embedding_tensors(name, save_embedding_layers)}
             config = self.config_for_saving(name)
             if path_initial_model_for_weight_conversion is not None:
-                tensors, config = _as_plain_lora(tensors, config, path_initial_model_for_weight_conversion)
+                tensors, config = as_plain_lora(tensors, config, path_initial_model_for_weight_conversion)
             io.save_adapter(adapter_dir(save_directory, name), tensors, config)
         self.create_or_update_model_card(save_directory, {n: self.peft_config[n] for n in names})
 
@@ -650,11 +651,11 @@ class PeftModel(nn.Module):
                 target_a.copy_(new_a[: target_a.shape[0]]), target_b.copy_(new_b[:, : target_b.shape[1]])
 
 
-def _as_plain_lora(
-    tensors: dict[str, torch.Tensor], config: LoraConfig, initial: str | os.PathLike
+def as_plain_lora(
+    tensors: dict[str, torch.Tensor], config: LoraConfig, initial: str | os.PathLike | dict[str, torch.Tensor]
 ) -> tuple[dict[str, torch.Tensor], LoraConfig]:
     """A trained PiSSA/OLoRA adapter as a plain LoRA for the original base: the factors concatenated with the initial
-    ones (``initial``: the adapter saved before training), rank and alpha doubled (scaling unchanged)."""
+    ones (``initial``: the adapter saved before training, or its tensors), rank and alpha doubled (scaling unchanged)."""
     if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
         raise ValueError(
             "path_initial_model_for_weight_conversion does not support rank_pattern/alpha_pattern with use_rslora "
@@ -664,7 +665,10 @@ def _as_plain_lora(
         raise ValueError(
             "path_initial_model_for_weight_conversion converts plain PiSSA/OLoRA factors, not DoRA/lora_bias"
         )
-    start = {io.normalize_key(k): v for k, v in io.load_weights(initial).items()}
+    if isinstance(initial, dict):
+        start, initial = initial, "the initial factors"
+    else:
+        start = {io.normalize_key(k): v for k, v in io.load_weights(initial).items()}
     converted = {}
     for key, value in tensors.items():
         if key.endswith(".lora_A.weight") or key.endswith(".lora_B.weight"):
