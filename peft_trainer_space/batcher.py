@@ -4,10 +4,12 @@ A request is prefilled alone (its prompt, its adapter) and then joins the runnin
 its last token, with the rows' KV caches left-padded to one length and masked. Rows leave when they finish, are
 cancelled or their reader goes away; new ones join between steps. A batch whose rows all use one adapter runs it as
 the model's adapter choice (the same arithmetic as a request alone); a mixed batch passes ``adapter_names`` per row.
+An adapter with ``target_parameters`` (which cannot run per row, as in peft) decodes only beside its own requests.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import queue
@@ -78,6 +80,7 @@ class Batcher:
         ids = ids if ids is not None else getattr(tokenizer, "eos_token_id", None)
         self.eos = set(ids if isinstance(ids, list) else [ids]) - {None}  # what ends a row, as in generate()
         self._pending: queue.Queue[Request | None] = queue.Queue()  # None: close
+        self._waiting: collections.deque[Request] = collections.deque()  # taken from _pending, not yet admitted
         self._rows: list[Request] = []
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None  # (B, T): 1 where a row's cache holds a real token
@@ -102,21 +105,24 @@ class Batcher:
     # ---- the scheduler ------------------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        closing = False
         while True:
-            if not self._rows:
-                request = self._pending.get()  # idle: wait for work
-                if request is None:
+            if not self._rows and not self._waiting:
+                if closing or (request := self._pending.get()) is None:  # idle: wait for work
                     return
-                self._admit(request)
-            while len(self._rows) < self.max_batch:
+                self._waiting.append(request)
+            while not closing:
                 try:
                     request = self._pending.get_nowait()
                 except queue.Empty:
                     break
-                if request is None:  # closing: finish the running rows first
-                    self._pending.put(None)
-                    break
-                self._admit(request)
+                if request is None:  # closing: finish the running and waiting rows first
+                    closing = True
+                else:
+                    self._waiting.append(request)
+            # First come, first served: a request that cannot join the batch holds back the ones behind it.
+            while self._waiting and len(self._rows) < self.max_batch and self._fits(self._waiting[0].adapter):
+                self._admit(self._waiting.popleft())
             if self._rows:
                 try:
                     self._step()
@@ -125,6 +131,12 @@ class Batcher:
                     for row in self._rows:
                         row.out.put(e)
                     self._rows, self._cache, self._mask, self._positions = [], None, None, []
+
+    def _fits(self, adapter: str) -> bool:
+        """Whether a request for ``adapter`` can join the running rows: an adapter whose layers refuse an adapter
+        per row (``target_parameters``) decodes only beside requests for itself."""
+        adapters = {r.adapter for r in self._rows} | {adapter}
+        return len(adapters) == 1 or not any(self.engine.runs_alone(a) for a in adapters)
 
     def _model(self, adapters: list[str]) -> tuple[torch.nn.Module, dict[str, Any], Any]:
         """The model, extra forward kwargs and a context for one forward over rows with ``adapters``."""

@@ -23,6 +23,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from peft_trainer import card, hub, io
+from peft_trainer.config import LoraConfig
 from peft_trainer.folders import validate_adapter_name
 from peft_trainer.lora.combine import COMBINATION_TYPES
 from peft_trainer.lora.layer import AdapterState
@@ -134,12 +135,30 @@ def is_hub_id(source: str) -> bool:
     return bool(_HUB_ID.match(source)) and ".." not in source
 
 
+def check_keeps_base(config: LoraConfig, name: str) -> None:
+    """Refuse an adapter whose loading would rewrite the base weights that every adapter and the base share."""
+    init = config.init_lora_weights
+    if isinstance(init, str) and init != "gaussian":
+        raise ValueError(
+            f"Adapter {name!r} has init_lora_weights={init!r}: loading it would turn the shared base into its "
+            "residual. Save it as a plain LoRA (PeftTrainer does this for its final adapter; in a script use "
+            "save_pretrained(..., path_initial_model_for_weight_conversion=...)) and add that one"
+        )
+
+
+def _shared_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A new module tree around ``model``'s own parameter and buffer tensors."""
+    return copy.deepcopy(model, memo={id(t): t for t in (*model.parameters(), *model.buffers())})
+
+
 class AdapterEngine:
     """Serves ``model`` (loaded once, never reloaded or modified) with any number of LoRA adapters beside it.
 
     Each call names its adapter (``"__base__"``/None = the bare base): generation selects it with
     ``PeftModel.use_adapter`` in the generating thread only, so concurrent requests never see each other's
-    choice. Adding, merging and deleting adapters take the write side of one lock.
+    choice. Adding, merging and deleting adapters take the write side of one lock. An adapter with
+    ``layer_replication`` changes which layers run, so it gets a model of its own: a copy of the base's module tree
+    around the same weight tensors (no second copy of the weights), generating outside the shared batch.
     """
 
     def __init__(
@@ -153,6 +172,8 @@ class AdapterEngine:
         self.token = token  # the Space's own: private downloads; pushes only with push_with_space_token
         self.push_with_space_token = push_with_space_token
         self.peft: PeftModel | None = None  # wraps ``base`` in place once the first adapter arrives
+        self.replicated: dict[str, PeftModel] = {}  # layer_replication adapters, each on its own copy of the base
+        self._plain = _shared_copy(model)  # the base's module tree before any LoRA layer goes into it
         self.adapters: dict[str, Adapter] = {}
         self.startup_errors: list[str] = []
         self.base_params = sum(numel(p) for p in model.parameters())
@@ -199,6 +220,14 @@ class AdapterEngine:
     def names(self) -> list[str]:
         return list(self.adapters)
 
+    def runs_alone(self, name: str) -> bool:
+        """Whether ``name`` adapts parameters (``target_parameters``), whose layers cannot take an adapter per row."""
+        config = self.peft.peft_config.get(name) if self.peft is not None else None
+        return bool(config is not None and config.target_parameters)
+
+    def _model_of(self, name: str) -> PeftModel | None:
+        return self.replicated.get(name, self.peft)
+
     def add(self, source: str, name: str | None = None, token: str | None = None, removable: bool = True) -> str:
         """Add the adapter in a local folder or a Hub repo (``owner/name``); returns its name."""
         source = source.strip()
@@ -238,9 +267,13 @@ class AdapterEngine:
         validate_adapter_name(name)
         # Read the files before taking the lock: generation waits only for the in-memory part.
         config, tensors = io.read_adapter(folder)
+        check_keeps_base(config, name)
         with self._lock.write():
             self._check_new_name(name)
-            self.peft = attach_adapter(self.peft or self.base, name, config, tensors, source)
+            if config.layer_replication:
+                self.replicated[name] = attach_adapter(_shared_copy(self._plain), name, config, tensors, source)
+            else:
+                self.peft = attach_adapter(self.peft or self.base, name, config, tensors, source)
             self.adapters[name] = Adapter(name, source, folder, removable)
         log.info("added adapter %s from %s", name, source)
         return name
@@ -271,6 +304,12 @@ class AdapterEngine:
             unknown = [a for a in adapters if a not in self.adapters]
             if unknown:
                 raise ValueError(f"Unknown adapter(s) {unknown}; available: {self.names()}")
+            replicated = [a for a in adapters if a in self.replicated]
+            if replicated:
+                raise ValueError(
+                    f"{replicated} set layer_replication, so they run on layers of their own: merge adapters of "
+                    "the unreplicated base"
+                )
             try:
                 self.peft.add_weighted_adapter(
                     adapters, weights, name, combination_type=combination_type, svd_rank=svd_rank, density=density
@@ -291,7 +330,8 @@ class AdapterEngine:
             adapter = self._known(name)
             if not adapter.removable:
                 raise ValueError(f"{name!r} was loaded at startup and cannot be deleted")
-            self.peft.delete_adapter(name)
+            if self.replicated.pop(name, None) is None:
+                self.peft.delete_adapter(name)
             del self.adapters[name]
         if adapter.folder is not None and self._work in adapter.folder.parents:
             shutil.rmtree(adapter.folder.parent, ignore_errors=True)
@@ -328,7 +368,8 @@ class AdapterEngine:
     def _running(self, adapter: str) -> Iterator[None]:
         """Read lock (no adapter changes meanwhile) + the in-flight count, around one generation."""
         with self._lock.read():
-            if adapter != BASE and (self.peft is None or adapter not in self.peft.peft_config):
+            model = self._model_of(adapter)
+            if adapter != BASE and (model is None or adapter not in model.peft_config):
                 raise ValueError(f"Unknown adapter {adapter!r}")
             with self._count_lock:
                 self.in_flight += 1
@@ -344,10 +385,11 @@ class AdapterEngine:
     def _generating(self, adapter: str) -> Iterator[torch.nn.Module]:
         """:meth:`_running` + this thread's adapter choice, around one ``generate()`` (the unbatched path)."""
         with self._running(adapter):
-            if self.peft is None:
+            model = self._model_of(adapter)
+            if model is None:
                 choice, model = contextlib.nullcontext(), self.base
             else:
-                choice, model = self.peft.use_adapter(adapter), self.peft
+                choice = model.use_adapter(adapter)
             with choice, torch.inference_mode():
                 yield model
 
@@ -363,7 +405,7 @@ class AdapterEngine:
         """
         sampling = sampling or Sampling()
         adapter, inputs = self._checked(adapter, prompt, sampling)
-        if self.batcher is not None:
+        if self.batcher is not None and adapter not in self.replicated:
             return self._batched(adapter, inputs, sampling, cancel or threading.Event())
         return self._stream(adapter, inputs, sampling, cancel or threading.Event())
 
@@ -470,9 +512,9 @@ class AdapterEngine:
     def card(self, name: str) -> dict[str, Any]:
         """What the adapter card shows: rank, alpha, targets, base model, trainable parameters, loss curve."""
         with self._lock.read():
-            adapter = self._known(name)
-            config = self.peft.peft_config[name]
-            n = sum(t.numel() for t in self.peft.adapter_tensors(name).values())
+            adapter, model = self._known(name), self._model_of(name)
+            config = model.peft_config[name]
+            n = sum(t.numel() for t in model.adapter_tensors(name).values())
         targets = config.target_modules
         return {
             "name": name,
@@ -499,9 +541,9 @@ class AdapterEngine:
         """Write ``out/<name>/`` in PEFT's format (config, safetensors, model card, trainer_state.json if any)."""
         folder = out / name
         with self._lock.read():
-            adapter = self._known(name)
-            config = self.peft.config_for_saving(name)
-            io.save_adapter(folder, self.peft.adapter_tensors(name), config)
+            adapter, model = self._known(name), self._model_of(name)
+            config = model.config_for_saving(name)
+            io.save_adapter(folder, model.adapter_tensors(name), config)
         card.write_card(folder, *card.adapter_card(config.base_model_name_or_path, {name: config}))
         state = files.trainer_state_file(adapter.folder)
         if state is not None:
@@ -524,6 +566,11 @@ class AdapterEngine:
             )
         with self._lock.read():
             self._known(name)
+            if name in self.replicated:
+                raise ValueError(
+                    f"{name!r} sets layer_replication, whose copies share their base weights: it cannot be merged "
+                    "(as in peft). Download the adapter instead"
+                )
             # The copy gets its own adapter state (the served model's holds a context variable, which cannot
             # be copied, and must not be shared).
             clone = copy.deepcopy(self.peft, memo={id(self.peft.adapter_state): AdapterState()})

@@ -256,6 +256,9 @@ def test_bad_adapters_are_refused_and_the_engine_keeps_serving(
     (bad_json / "adapter_config.json").write_text("{not json")
     pickled = save_adapter(tmp_path / "pickled", seed=6)
     (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
+    pissa = save_adapter(tmp_path / "pissa", seed=7)
+    config = json.loads((pissa / "adapter_config.json").read_text())
+    (pissa / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": "pissa"}))
     cases = {
         "other-base": "does not fit this base model",
         "prefix": "PREFIX_TUNING",
@@ -263,6 +266,7 @@ def test_bad_adapters_are_refused_and_the_engine_keeps_serving(
         "bad-json": "not valid JSON",
         "pickled": "pickle",
         "missing": "neither an adapter folder nor a Hub repo id",
+        "pissa": r"init_lora_weights='pissa'.*path_initial_model_for_weight_conversion",
     }
     for folder, message in cases.items():
         with pytest.raises((ValueError, FileNotFoundError), match=message):
@@ -294,25 +298,78 @@ def test_startup_adapters_stay_runtime_ones_can_go(engine: AdapterEngine, adapte
     assert engine.names() == ["pirate", "poet"]
 
 
-@pytest.mark.parametrize("variant", ["lora", "dora"])
-def test_peft_written_adapter_loads(engine: AdapterEngine, tmp_path: Path, variant: str) -> None:
+VARIANTS = {  # peft LoraConfig fields of each LoRA variant the Space serves, on tiny-llama
+    "lora": {},
+    "dora": {"use_dora": True},
+    "lora_bias": {"lora_bias": True},
+    "rslora": {"use_rslora": True},
+    "trainable_tokens": {"trainable_token_indices": [5, 9, 17]},
+    "target_parameters": {"target_modules": [], "target_parameters": ["mlp.gate_proj.weight"]},
+    "layer_replication": {"layer_replication": [[0, 2], [1, 2]]},  # on a model of its own, around the same weights
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_peft_written_variant_adapter_is_served(
+    engine: AdapterEngine, oracle: dict[str, str], tmp_path: Path, variant: str
+) -> None:
+    """An adapter of each variant, written by peft, gives peft's greedy output, alone and while batched with
+    another adapter's request, and leaves the base and the other adapters as they were."""
     import peft
 
     model, tokenizer = load_model(BASE)
     torch.manual_seed(11)
-    theirs = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "o_proj"],
-                                                        init_lora_weights=False, use_dora=variant == "dora"))  # fmt: skip
+    fields = {"target_modules": ["q_proj", "o_proj"], **VARIANTS[variant]}
+    theirs = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=16, init_lora_weights=False, **fields))
     with torch.no_grad():
         for name, p in theirs.named_parameters():
-            if "lora_magnitude_vector" in name:
-                p.mul_(1.5)  # a DoRA magnitude away from its initial value
-    theirs.save_pretrained(tmp_path / "from-peft")
+            if any(part in name for part in ("lora_magnitude_vector", "trainable_tokens_delta", "lora_B")):
+                p.add_(torch.randn_like(p) * 0.2)  # away from the initial values, so each part matters
+    theirs.save_pretrained(tmp_path / variant)
     inputs = encode(tokenizer, PROMPT)
     with torch.no_grad():
         out = theirs.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
     expected = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    assert engine.add(str(tmp_path / "from-peft")) == "from-peft"
-    assert engine.generate("from-peft", PROMPT, GREEDY) == expected
+    assert engine.add(str(tmp_path / variant)) == variant
+    assert expected != oracle["__base__"], "the adapter changes the output"
+    assert engine.generate(variant, PROMPT, GREEDY) == expected
+    results: dict[str, str] = {}
+    threads = [
+        threading.Thread(target=lambda n=n: results.__setitem__(n, engine.generate(n, PROMPT, GREEDY)))
+        for n in (variant, "pirate", "__base__")
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {variant: expected, "pirate": oracle["pirate"], "__base__": oracle["__base__"]}
+
+
+def test_a_layer_replication_adapter_runs_on_layers_of_its_own(engine: AdapterEngine, tmp_path: Path) -> None:
+    """Its model is a copy of the base's module tree around the same weight tensors; card and export work, merging
+    is refused (as in peft), and deleting it frees that model."""
+    import peft
+
+    theirs = peft.get_peft_model(load_model(BASE)[0], peft.LoraConfig(r=4, target_modules=["q_proj"],
+                                 init_lora_weights=False, layer_replication=[[0, 2], [0, 2]]))  # fmt: skip
+    theirs.save_pretrained(tmp_path / "deeper")
+    engine.add(str(tmp_path / "deeper"))
+    deeper = engine.replicated["deeper"].get_base_model()
+    assert len(deeper.model.layers) == 4 and len(engine.base.model.layers) == 2
+    weights = {p.data_ptr() for p in engine.base.parameters()}
+    assert {p.data_ptr() for n, p in deeper.named_parameters() if "lora_" not in n} <= weights
+    assert engine.card("deeper")["trainable_params"] == 4 * 4 * (64 + 64)
+    zipfile.ZipFile(engine.export_adapter("deeper")).extractall(tmp_path / "export")
+    again = peft.PeftModel.from_pretrained(load_model(BASE)[0], tmp_path / "export" / "deeper")
+    ids = torch.tensor([[1, 42, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, theirs(ids).logits, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="set layer_replication"):
+        engine.merge(["pirate", "deeper"], None, "mix")
+    with pytest.raises(ValueError, match="cannot be merged"):
+        engine.export_merged_model("deeper")
+    engine.delete("deeper")
+    assert "deeper" not in engine.replicated and engine.names() == ["pirate", "poet"]
 
 
 def test_card_shows_config_parameters_and_loss(engine: AdapterEngine, adapter_dir: Path) -> None:

@@ -70,9 +70,11 @@ class ParamLayer(FactoredLayer):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         selection = self.state.current()
         if isinstance(selection, RowGroups):
-            raise ValueError(
-                "adapter_names (an adapter per row) does not work with target_parameters layers (as in peft)"
-            )
+            if any(n in self.r for n, _ in selection.groups):
+                raise ValueError(
+                    "adapter_names (an adapter per row) does not work with target_parameters layers (as in peft)"
+                )
+            return self.base_layer(x, *args, **kwargs)  # rows of other adapters: this layer adds nothing
         names = [n for n in selection if n in self.r]
         if not names:
             return self.base_layer(x, *args, **kwargs)
