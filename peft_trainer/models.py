@@ -1,4 +1,4 @@
-"""Base models: embedded defaults (SmolLM2 GGUF from pip, MiniLM, tiny random), name resolution and loading."""
+"""Base models: embedded defaults (SmolLM2 GGUF from pip, MiniLM, tiny random ones), name resolution and loading."""
 
 from __future__ import annotations
 
@@ -192,6 +192,19 @@ def _build_tiny_llama(out_dir: Path) -> None:
     _save_random(LlamaForCausalLM, config, tokenizer, out_dir)
 
 
+def _build_tiny_mixtral(out_dir: Path) -> None:
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    tokenizer = _smollm2_tokenizer()
+    tokenizer.model_max_length = 512
+    config = MixtralConfig(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        num_local_experts=4, num_experts_per_tok=2, vocab_size=len(tokenizer), max_position_embeddings=512,
+        tie_word_embeddings=False, **_token_ids(tokenizer),
+    )  # fmt: skip
+    _save_random(MixtralForCausalLM, config, tokenizer, out_dir)
+
+
 def _build_tiny_gpt2(out_dir: Path) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -238,6 +251,13 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
             ("causal-lm", "seq-cls"),
             _smollm2_gguf,
             _build_tiny_llama,
+        ),
+        EmbeddedModel(
+            "tiny-mixtral",
+            "random MixtralForCausalLM (hidden 64, 2 layers, 4 experts, top-2) with the SmolLM2 tokenizer",
+            ("causal-lm",),
+            _smollm2_gguf,
+            _build_tiny_mixtral,
         ),
         EmbeddedModel(
             "tiny-gpt2",

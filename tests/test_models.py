@@ -18,7 +18,14 @@ pytestmark = pytest.mark.usefixtures("embedded_cache")
 
 
 def test_embedded_names() -> None:
-    assert set(EMBEDDED_MODELS) == {"smollm2-135m-instruct", "minilm-l6", "tiny-llama", "tiny-gpt2", "tiny-bert"}
+    assert set(EMBEDDED_MODELS) == {
+        "smollm2-135m-instruct",
+        "minilm-l6",
+        "tiny-llama",
+        "tiny-mixtral",
+        "tiny-gpt2",
+        "tiny-bert",
+    }
     for spec in EMBEDDED_MODELS.values():
         assert set(spec.tasks) <= set(models.TASKS)
         assert spec.locate().exists()  # the pip packages are installed and hold the files
@@ -29,6 +36,7 @@ def test_embedded_names() -> None:
     [
         ("tiny-llama", "causal-lm", "llama"),
         ("tiny-gpt2", "causal-lm", "gpt2"),
+        ("tiny-mixtral", "causal-lm", "mixtral"),
         ("tiny-bert", "seq-cls", "bert"),
         ("tiny-llama", "seq-cls", "llama"),
     ],
