@@ -1,5 +1,5 @@
-"""LoRA variants against peft 0.21.2 as the oracle: DoRA (Linear, GPT-2 Conv1D, Embedding, 4-bit base), lora_bias,
-PiSSA/OLoRA (with the conversion to plain LoRA), convolution targets and trainable tokens.
+"""LoRA variants against peft 0.21.2 as the oracle: DoRA (Linear, GPT-2 Conv1D, Embedding, 4-bit base,
+convolutions), lora_bias, PiSSA/OLoRA (with the conversion to plain LoRA), convolution targets and trainable tokens.
 
 Each: the same files give the same logits both ways, one training step gives the same gradients, merge equals the
 unmerged forward and unmerge restores the weights, a mixed-adapter batch equals each adapter alone.
@@ -294,10 +294,16 @@ def _conv_out(model) -> list[torch.Tensor]:
         return list(model.eval()(*CONV_INPUTS))
 
 
-@pytest.mark.parametrize("lora_bias", [False, True])
-def test_convolution_targets_match_peft_both_ways(lora_bias: bool, tmp_path: Path) -> None:
-    config = dict(r=4, lora_alpha=8, target_modules=["c1", "c2", "c3", "grouped"], init_lora_weights=False,
-                  lora_bias=lora_bias)  # fmt: skip
+CONV_VARIANTS = {
+    "lora": dict(target_modules=["c1", "c2", "c3", "grouped"]),
+    "lora_bias": dict(target_modules=["c1", "c2", "c3", "grouped"], lora_bias=True),
+    "dora": dict(target_modules=["c1", "c2", "c3"], use_dora=True, lora_dropout=0.1),  # DoRA: not grouped ones
+}
+
+
+@pytest.mark.parametrize("variant", CONV_VARIANTS)
+def test_convolution_targets_match_peft_both_ways(variant: str, tmp_path: Path) -> None:
+    config = dict(r=4, lora_alpha=8, init_lora_weights=False, **CONV_VARIANTS[variant])
     mine = ours.get_peft_model(ConvNet(), ours.LoraConfig(**config))
     _perturb(mine)
     mine.save_pretrained(tmp_path / "ours")
@@ -305,7 +311,12 @@ def test_convolution_targets_match_peft_both_ways(lora_bias: bool, tmp_path: Pat
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(_conv_out(mine), _conv_out(theirs)))
     assert not torch.allclose(_conv_out(mine)[1], _conv_out(ConvNet())[1], atol=1e-3)
 
-    theirs = peft.get_peft_model(ConvNet(), peft.LoraConfig(**config))
+    if variant == "dora":  # peft's file layout of the magnitude: (1, out, 1, ...)
+        keys = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+        assert keys["base_model.model.c2.lora_magnitude_vector"].shape == (1, 8, 1, 1)
+
+    theirs = peft.get_peft_model(ConvNet(), peft.LoraConfig(**{**config, "lora_dropout": 0.0}))
+    _perturb(theirs)
     theirs.save_pretrained(tmp_path / "peft")
     back = ours.PeftModel.from_pretrained(ConvNet(), tmp_path / "peft", is_trainable=True)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(_conv_out(back), _conv_out(theirs)))
@@ -316,17 +327,24 @@ def test_convolution_targets_match_peft_both_ways(lora_bias: bool, tmp_path: Pat
     assert grads[0].keys() == grads[1].keys() and all(torch.allclose(grads[0][k], grads[1][k]) for k in grads[0])
 
 
-def test_convolution_merge_equals_unmerged() -> None:
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_convolution_merge_equals_unmerged(use_dora: bool) -> None:
     model = ours.get_peft_model(ConvNet(), ours.LoraConfig(r=4, target_modules=["c1", "c2", "c3"],
-                                                           init_lora_weights=False))  # fmt: skip
+                                                           init_lora_weights=False, use_dora=use_dora))  # fmt: skip
+    _perturb(model)
     unmerged = _conv_out(model)
+    before = {n: p.clone() for n, p in model.named_parameters() if "base_layer" in n}
+    model.merge_adapter()
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(_conv_out(model), unmerged))
+    model.unmerge_adapter()
+    assert all(torch.allclose(p, before[n], atol=1e-6) for n, p in model.named_parameters() if n in before)
     merged = model.merge_and_unload()
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(_conv_out(merged), unmerged))
     grouped = ours.get_peft_model(ConvNet(), ours.LoraConfig(r=4, target_modules=["grouped"]))
     with pytest.raises(ValueError, match="grouped Conv2d is not supported"):
         grouped.merge_adapter()
-    with pytest.raises(ValueError, match="use_dora on Conv2d layers"):
-        ours.get_peft_model(ConvNet(), ours.LoraConfig(r=4, target_modules=["c2"], use_dora=True))
+    with pytest.raises(ValueError, match=r"use_dora on a grouped Conv2d \(groups=2\)"):
+        ours.get_peft_model(ConvNet(), ours.LoraConfig(r=4, target_modules=["grouped"], use_dora=True))
 
 
 def _tied_llama(tied: bool):

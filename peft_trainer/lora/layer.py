@@ -150,7 +150,7 @@ class LoraLayer(nn.Module):
 
     def _dora_scale(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         """``magnitude / ‖W + ΔW‖`` (out,), the norm treated as a constant (DoRA paper, section 4.3)."""
-        magnitude = self.lora_magnitude_vector[name]
+        magnitude = self.lora_magnitude_vector[name].reshape(-1)  # convolutions keep peft's (1, out, 1, ...)
         return (magnitude / self.weight_norm(name).to(magnitude.dtype)).to(dtype)
 
     def _factor_tensors(self, name: str) -> tuple[torch.Tensor, ...]:
@@ -164,14 +164,15 @@ class LoraLayer(nn.Module):
             return weight + delta
         norm = self.weight_norm(name, weight)
         self._merge_norms[name] = norm
-        factor = self.lora_magnitude_vector[name].detach().float().to(weight.device) / norm
+        factor = self.lora_magnitude_vector[name].detach().float().reshape(-1).to(weight.device) / norm
         return self._factor_view(factor) * (weight + delta)
 
     def _unmerged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         delta = self.delta_weight(name).to(weight.device)
         if name not in self.lora_magnitude_vector:
             return weight - delta
-        factor = self.lora_magnitude_vector[name].detach().float().to(weight.device) / self._merge_norms.pop(name)
+        magnitude = self.lora_magnitude_vector[name].detach().float().reshape(-1).to(weight.device)
+        factor = magnitude / self._merge_norms.pop(name)
         return weight / self._factor_view(factor) - delta
 
     def _bias_delta(self, name: str) -> torch.Tensor | None:
@@ -528,7 +529,10 @@ class Embedding(LoraLayer):
 
 class Conv(FactoredLayer):
     """LoRA around ``nn.Conv1d/2d/3d`` (peft's semantics): A is a convolution like the base (kernel, stride, padding;
-    no dilation) to r channels, B a 1x1 convolution back (grouped like the base), ``y = base(x) + s · B(A(x))``."""
+    no dilation) to r channels, B a 1x1 convolution back (grouped like the base), ``y = base(x) + s · B(A(x))``.
+    DoRA: ``y = base(x) + (k - 1) · conv(x', W) + k · s · B(A(x'))`` with x' = dropout(x) and k = m / ‖W + ΔW‖ per
+    output channel (the norm over input channels and kernel, detached); m is stored ``(1, out, 1, ...)`` as peft does.
+    """
 
     def __init__(self, base_layer: nn.Module, state: AdapterState) -> None:
         super().__init__(base_layer, state)
@@ -540,8 +544,11 @@ class Conv(FactoredLayer):
     ) -> None:  # fmt: skip
         base = self.base_layer
         kind = type(base).__name__
-        if use_dora:
-            raise ValueError(f"use_dora on {kind} layers is not implemented here: target linear layers for DoRA")
+        if use_dora and base.groups > 1:
+            raise ValueError(
+                f"use_dora on a grouped {kind} (groups={base.groups}) is not supported: DoRA's weight norm needs "
+                "ΔW, which LoRA on a grouped convolution does not form (merging it is refused too)"
+            )
         if isinstance(init, str) and init != "gaussian":
             raise ValueError(f"init_lora_weights={init!r} does not apply to {kind} layers (as in peft)")
         if r % base.groups:
@@ -551,6 +558,27 @@ class Conv(FactoredLayer):
         a = type(base)(self.in_features, r, base.kernel_size, base.stride, base.padding, bias=False, **kwargs)
         b = type(base)(r, self.out_features, ones, ones, groups=base.groups, bias=lora_bias, **kwargs)
         self._add_factors(name, a, b, r, alpha, dropout, init, use_rslora)
+        if use_dora:  # m starts as ‖W + ΔW‖: a DoRA adapter starts where its LoRA would
+            self.lora_magnitude_vector[name] = nn.Parameter(self.weight_norm(name).view(1, -1, *ones))
+
+    def weight_norm(self, name: str, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """DoRA's ‖W + ΔW‖ (out,) per output channel, over input channels and kernel (detached, float32)."""
+        weight = self.base_layer.weight if weight is None else weight
+        with torch.no_grad():
+            full = weight.float() + self.delta_weight(name).to(weight.device)
+            return torch.linalg.vector_norm(full, dim=tuple(range(1, full.dim())))
+
+    def _factor_view(self, v: torch.Tensor) -> torch.Tensor:
+        return v.view(-1, *(1,) * (self.base_layer.weight.dim() - 1))
+
+    def add_output(self, name: str, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if name not in self.lora_magnitude_vector:
+            return result + self.lora_delta(name, x)
+        a, b = self.lora_A[name], self.lora_B[name]
+        x = self.lora_dropout[name](x.to(a.weight.dtype))
+        scale = self._dora_scale(name, x.dtype).view(1, -1, *(1,) * (x.dim() - 2))
+        base = self.base_layer._conv_forward(x, self.base_layer.weight.to(x.dtype), None)  # conv(x', W), no bias
+        return result + (scale - 1) * base + scale * b(a(x)) * self.scaling[name]
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """ΔW (out, in, *kernel): B's 1x1 kernel applied to A's kernels, in float32."""
