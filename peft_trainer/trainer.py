@@ -114,10 +114,15 @@ def _initial_factors(model: PeftModel) -> dict[str, dict[str, torch.Tensor]]:
         init = config.init_lora_weights
         if not (isinstance(init, str) and init.startswith(("pissa", "olora"))):
             continue
-        if config.use_dora or config.lora_bias:
+        why = (
+            "with DoRA/lora_bias cannot be written as a plain LoRA" if config.use_dora or config.lora_bias
+            else "was loaded from files, so its starting factors are unknown" if name in model.loaded_adapters
+            else None
+        )  # fmt: skip
+        if why:
             logger.warning(
-                "Adapter %r: init_lora_weights=%r with DoRA/lora_bias cannot be written as a plain LoRA; it is saved "
-                "as trained, for a base that holds the PiSSA/OLoRA residual (as peft does)", name, init,
+                "Adapter %r (init_lora_weights=%r) %s: it is saved as trained, for a base that holds the PiSSA/OLoRA "
+                "residual (as peft does)", name, init, why,
             )  # fmt: skip
             continue
         out[name] = {

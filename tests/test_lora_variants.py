@@ -256,9 +256,9 @@ def test_a_pissa_adapter_from_peft_trainer_is_a_plain_lora_for_the_original_base
     base (the Space) or a randomized-SVD init gets the trained model; its checkpoints keep the factors themselves."""
     from tests.trainer_helpers import fast_args, token_dataset
 
-    args = fast_args(tmp_path, init_lora_weights=init, lora_r=4, lora_target_modules=["q_proj", "v_proj"],
-                     max_steps=3, learning_rate=5e-2, save_strategy="steps", save_steps=2)  # fmt: skip
-    trainer = ours.PeftTrainer(tiny_llama(), args, train_dataset=token_dataset(12))
+    fields = dict(init_lora_weights=init, lora_r=4, lora_target_modules=["q_proj", "v_proj"], max_steps=3,
+                  learning_rate=5e-2, save_strategy="steps", save_steps=2)  # fmt: skip
+    trainer = ours.PeftTrainer(tiny_llama(), fast_args(tmp_path, **fields), train_dataset=token_dataset(12))
     trainer.train()
     trainer.save_model()
     trained = _logits(trainer.model)
@@ -269,6 +269,19 @@ def test_a_pissa_adapter_from_peft_trainer_is_a_plain_lora_for_the_original_base
     assert (checkpoint["r"], checkpoint["init_lora_weights"]) == (4, init)
     for loader in (ours.PeftModel, peft.PeftModel):
         assert torch.allclose(_logits(loader.from_pretrained(tiny_llama(), tmp_path)), trained, atol=1e-5)
+
+    # Resumed from checkpoint-2, the run ends with the same converted adapter.
+    resumed = ours.PeftTrainer(
+        tiny_llama(), fast_args(tmp_path / "resumed", **fields), train_dataset=token_dataset(12)
+    )
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    resumed.save_model()
+    first, again = (load_file(d / "adapter_model.safetensors") for d in (tmp_path, tmp_path / "resumed"))
+    assert first.keys() == again.keys() and all(torch.allclose(first[k], again[k], atol=1e-6) for k in first)
+    # A PiSSA adapter loaded from files has unknown starting factors: saved as it is, in its PiSSA form.
+    loaded = ours.PeftModel.from_pretrained(tiny_llama(), tmp_path / "checkpoint-2", is_trainable=True)
+    ours.PeftTrainer(loaded, fast_args(tmp_path / "from-files")).save_model()
+    assert json.loads((tmp_path / "from-files" / "adapter_config.json").read_text())["init_lora_weights"] == init
 
 
 class ConvNet(torch.nn.Module):

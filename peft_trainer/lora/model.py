@@ -55,6 +55,7 @@ class PeftModel(nn.Module):
         self.peft_config: dict[str, LoraConfig] = {}
         self.adapter_state = AdapterState()
         self._adapter_params: dict[str, list[nn.Parameter]] = {}
+        self.loaded_adapters: set[str] = set()  # adapters whose values came from files (load_adapter_tensors)
         for p in base_model.parameters():
             p.requires_grad_(False)
         self.add_adapter(adapter_name, config)
@@ -171,6 +172,7 @@ class PeftModel(nn.Module):
         self._remove_adapter_modules(adapter_name)
         del self.peft_config[adapter_name]
         del self._adapter_params[adapter_name]
+        self.loaded_adapters.discard(adapter_name)
         if adapter_name in state.active:
             remaining = [a for a in state.active if a != adapter_name]
             if not remaining and self.peft_config:
@@ -588,6 +590,7 @@ class PeftModel(nn.Module):
         for _, layer in self._layers():  # DoRA's cached weight norms follow the new values
             if isinstance(layer, LoraLayer):
                 layer._norm_cache.clear()
+        self.loaded_adapters.add(adapter_name)
 
     # ---- combine --------------------------------------------------------------------------------------------
 
