@@ -29,7 +29,6 @@ _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     "arrow_config": None,
     "corda_config": None,
     "ensure_weight_tying": False,
-    "eva_config": None,
     "kasa_config": None,
     "loftq_config": {},
     "lora_ga_config": None,
@@ -92,6 +91,7 @@ class LoraConfig(PeftConfig):
     modules_to_save: list[str] | None = None
     fan_in_fan_out: bool = False
     init_lora_weights: bool | str = True
+    eva_config: dict[str, Any] | None = None  # EVA's settings, kept so an EVA adapter's file reads as peft wrote it
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
@@ -127,11 +127,13 @@ class LoraConfig(PeftConfig):
             problems.append(f"lora_dropout={self.lora_dropout!r}: must be a number in [0, 1)")
         if self.bias not in ("none", "all", "lora_only"):
             problems.append(f"bias={self.bias!r}: use 'none', 'all' or 'lora_only'")
-        if not is_supported_init(self.init_lora_weights):
+        if not (is_supported_init(self.init_lora_weights) or self.init_lora_weights == "eva"):
             problems.append(
                 f"init_lora_weights={self.init_lora_weights!r}: this project implements true, false, 'gaussian', "
-                "'pissa', 'pissa_niter_K' and 'olora' (EVA, LoftQ and CorDA need peft)"
+                "'pissa', 'pissa_niter_K' and 'olora', and loads EVA adapters (LoftQ and CorDA need peft)"
             )
+        if self.eva_config is not None and not isinstance(self.eva_config, dict):
+            problems.append(f"eva_config={self.eva_config!r}: a mapping of EVA's settings (as peft writes it) or null")
         if self.task_type is not None and self.task_type not in TASK_TYPES:
             problems.append(f"task_type={self.task_type!r}: use one of {', '.join(TASK_TYPES)} or null")
         tokens = self.trainable_token_indices

@@ -150,7 +150,7 @@ def test_missing_and_truncated_weights_are_clear_errors(tmp_path):
 @pytest.mark.parametrize(
     "field,value",
     [("target_parameters", ["experts"]), ("peft_type", "IA3"), ("init_lora_weights", "loftq"),
-     ("eva_config", {"rho": 2.0}), ("loftq_config", {"loftq_bits": 4}), ("r", "eight")],
+     ("corda_config", {"corda_method": "ipm"}), ("loftq_config", {"loftq_bits": 4}), ("r", "eight")],
 )  # fmt: skip
 def test_config_asking_for_unimplemented_features_names_the_field(tmp_path, field, value):
     get_peft_model(tiny_llama(), LoraConfig(**QV)).save_pretrained(tmp_path)

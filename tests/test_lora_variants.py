@@ -284,6 +284,32 @@ def test_a_pissa_adapter_from_peft_trainer_is_a_plain_lora_for_the_original_base
     assert json.loads((tmp_path / "from-files" / "adapter_config.json").read_text())["init_lora_weights"] == init
 
 
+def test_an_eva_adapter_from_peft_loads_and_saves_as_peft_wrote_it(tmp_path: Path) -> None:
+    """EVA (peft's initialize_lora_eva_weights over a dataloader) starts in peft; the adapter loads here both ways.
+    Starting one here is refused by name."""
+    from peft.tuners.lora import EvaConfig, initialize_lora_eva_weights
+
+    config = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights="eva")
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**config, eva_config=EvaConfig(rho=2.0)))
+    batches = [{"input_ids": IDS, "attention_mask": torch.ones_like(IDS)}] * 2
+    initialize_lora_eva_weights(theirs, batches, show_progress_bar=False)
+    with torch.no_grad():  # EVA starts B at zero: move it so the factors matter
+        for name, p in theirs.named_parameters():
+            if "lora_B" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    theirs.save_pretrained(tmp_path / "peft")
+    mine = ours.PeftModel.from_pretrained(tiny_llama(), tmp_path / "peft")
+    assert torch.allclose(_logits(mine), _logits(theirs), atol=1e-5)
+    assert not torch.allclose(_logits(mine), _logits(tiny_llama()), atol=1e-4)
+    mine.save_pretrained(tmp_path / "ours")
+    written = [json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in ("peft", "ours")]
+    assert written[0]["eva_config"] == written[1]["eva_config"] and written[1]["init_lora_weights"] == "eva"
+    back = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "ours")
+    assert torch.allclose(_logits(back), _logits(theirs), atol=1e-5)
+    with pytest.raises(ValueError, match="initialize_lora_eva_weights"):
+        ours.get_peft_model(tiny_llama(), ours.LoraConfig(**config))
+
+
 class ConvNet(torch.nn.Module):
     """A custom model (as in PEFT's custom-model guide) with 1-, 2- and 3-d convolutions, one grouped."""
 

@@ -306,6 +306,7 @@ VARIANTS = {  # peft LoraConfig fields of each LoRA variant the Space serves, on
     "trainable_tokens": {"trainable_token_indices": [5, 9, 17]},
     "target_parameters": {"target_modules": [], "target_parameters": ["mlp.gate_proj.weight"]},
     "layer_replication": {"layer_replication": [[0, 2], [1, 2]]},  # on a model of its own, around the same weights
+    "eva": {"init_lora_weights": "eva"},  # started by peft's initialize_lora_eva_weights
 }
 
 
@@ -319,14 +320,19 @@ def test_peft_written_variant_adapter_is_served(
 
     model, tokenizer = load_model(BASE)
     torch.manual_seed(11)
-    fields = {"target_modules": ["q_proj", "o_proj"], **VARIANTS[variant]}
-    theirs = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=16, init_lora_weights=False, **fields))
+    fields = {"target_modules": ["q_proj", "o_proj"], "init_lora_weights": False, **VARIANTS[variant]}
+    theirs = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=16, **fields))
+    inputs = encode(tokenizer, PROMPT)
+    if variant == "eva":
+        from peft.tuners.lora import initialize_lora_eva_weights
+
+        initialize_lora_eva_weights(theirs, [{**inputs, "attention_mask": torch.ones_like(inputs["input_ids"])}],
+                                    show_progress_bar=False)  # fmt: skip
     with torch.no_grad():
         for name, p in theirs.named_parameters():
             if any(part in name for part in ("lora_magnitude_vector", "trainable_tokens_delta", "lora_B")):
                 p.add_(torch.randn_like(p) * 0.2)  # away from the initial values, so each part matters
     theirs.save_pretrained(tmp_path / variant)
-    inputs = encode(tokenizer, PROMPT)
     with torch.no_grad():
         out = theirs.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
     expected = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)

@@ -249,6 +249,8 @@ def inject(model: nn.Module, config: LoraConfig, name: str, state: AdapterState)
                 "torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d/2d/3d and transformers Conv1D layers"
             )
     tokens = _token_targets(model, config, set(targets))
+    # An EVA adapter is only ever loaded here (get_peft_model refuses to start one): its values come from the file.
+    init = True if config.init_lora_weights == "eva" else config.init_lora_weights
     touched: list[nn.Module] = []
     for key in targets:
         module = model.get_submodule(key)
@@ -269,7 +271,7 @@ def inject(model: nn.Module, config: LoraConfig, name: str, state: AdapterState)
         r = pattern_value(config.rank_pattern, key, config.r)
         alpha = pattern_value(config.alpha_pattern, key, config.lora_alpha)
         module.update_layer(
-            name, r, alpha, config.lora_dropout, config.init_lora_weights, config.use_rslora,
+            name, r, alpha, config.lora_dropout, init, config.use_rslora,
             lora_bias=config.lora_bias, use_dora=config.use_dora,
         )  # fmt: skip
         touched.append(module)
@@ -281,7 +283,7 @@ def inject(model: nn.Module, config: LoraConfig, name: str, state: AdapterState)
         key = f"{path}.{parameter}"
         r = pattern_value(config.rank_pattern, key, config.r)
         alpha = pattern_value(config.alpha_pattern, key, config.lora_alpha)
-        module.update_layer(name, r, alpha, 0.0, config.init_lora_weights, config.use_rslora)
+        module.update_layer(name, r, alpha, 0.0, init, config.use_rslora)
         touched.append(module)
     for key, module in list(candidate_modules(model)):
         if any(key.endswith(m) for m in config.modules_to_save or []):

@@ -779,6 +779,15 @@ def _class_for(cls: type, base_cls: type) -> type:
     return _CLASSES[key]
 
 
+def refuse_eva_start(config: LoraConfig) -> None:
+    if config.init_lora_weights == "eva":
+        raise ValueError(
+            "init_lora_weights='eva' starts lora_A from an SVD of each layer's inputs over a dataloader (peft's "
+            "initialize_lora_eva_weights), which this project does not implement: start it with peft and load the "
+            "saved adapter here (EVA adapters load), or use init_lora_weights True, 'pissa' or 'olora'"
+        )
+
+
 def get_peft_model(
     model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", mixed: bool = False,
     autocast_adapter_dtype: bool = True, revision: str | None = None, low_cpu_mem_usage: bool = False,
@@ -790,6 +799,7 @@ def get_peft_model(
     """
     if mixed:
         raise ValueError("mixed=True (PeftMixedModel, several adapter types at once) is not supported: LoRA only")
+    refuse_eva_start(peft_config)
     if revision is not None:
         peft_config = dataclasses.replace(peft_config, revision=revision)
     peft_model = PeftModel(model, peft_config, adapter_name)
@@ -809,12 +819,19 @@ def inject_adapter_in_model(
 ) -> nn.Module:  # fmt: skip
     """Add LoRA layers to ``model`` in place, without a PeftModel around it (PEFT's low-level API); the adapter is
     active and trainable, the rest frozen. ``state_dict`` (on-disk keys) fills the adapter."""
+    if state_dict is None:
+        refuse_eva_start(peft_config)
     for p in model.parameters():
         p.requires_grad_(False)
     holder = PeftModel.__new__(PeftModel)  # the adapter registry and state, not registered as a submodule
     nn.Module.__init__(holder)
     object.__setattr__(holder, "base_model", LoraModel(model, holder))
-    holder.peft_config, holder.adapter_state, holder._adapter_params = {}, AdapterState(), {}
+    holder.peft_config, holder.adapter_state, holder._adapter_params, holder.loaded_adapters = (
+        {},
+        AdapterState(),
+        {},
+        set(),
+    )
     holder.add_adapter(adapter_name, peft_config)
     holder.set_adapter(adapter_name)
     object.__setattr__(model, "_peft_trainer_adapters", holder)
