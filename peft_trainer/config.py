@@ -23,6 +23,11 @@ def is_supported_init(value: Any) -> bool:
     return value in SUPPORTED_INITS and not (isinstance(value, (int, float)) and not isinstance(value, bool))
 
 
+def decomposes_base(init: Any) -> bool:
+    """Whether ``init_lora_weights`` takes A and B out of the base weight, which keeps the residual (PiSSA, OLoRA)."""
+    return isinstance(init, str) and init.startswith(("pissa", "olora"))
+
+
 # Fields PEFT writes for features this project does not implement, with the value that means "not used".
 _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     "alora_invocation_tokens": None,

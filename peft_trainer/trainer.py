@@ -33,7 +33,7 @@ from transformers.utils.hub import PushInProgress, hf_api
 
 from . import card, hub, io
 from .arguments import PeftTrainingArguments
-from .config import LoraConfig
+from .config import LoraConfig, decomposes_base
 from .folders import ADAPTER_FILES, adapter_dir, missing_files, subfolder_of
 from .hub import STAGING_PREFIX
 from .lora.model import PeftModel, as_plain_lora, get_peft_model
@@ -112,7 +112,7 @@ def _initial_factors(model: PeftModel) -> dict[str, dict[str, torch.Tensor]]:
     out = {}
     for name, config in model.peft_config.items():
         init = config.init_lora_weights
-        if not (isinstance(init, str) and init.startswith(("pissa", "olora"))):
+        if not decomposes_base(init):
             continue
         why = (
             "with DoRA/lora_bias cannot be written as a plain LoRA" if config.use_dora or config.lora_bias

@@ -23,7 +23,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from peft_trainer import card, hub, io
-from peft_trainer.config import LoraConfig
+from peft_trainer.config import LoraConfig, decomposes_base
 from peft_trainer.folders import validate_adapter_name
 from peft_trainer.lora.combine import COMBINATION_TYPES
 from peft_trainer.lora.layer import AdapterState
@@ -138,7 +138,7 @@ def is_hub_id(source: str) -> bool:
 def check_keeps_base(config: LoraConfig, name: str) -> None:
     """Refuse an adapter whose loading would rewrite the base weights that every adapter and the base share."""
     init = config.init_lora_weights
-    if isinstance(init, str) and init.startswith(("pissa", "olora")):
+    if decomposes_base(init):
         raise ValueError(
             f"Adapter {name!r} has init_lora_weights={init!r}: loading it would turn the shared base into its "
             "residual. Save it as a plain LoRA (PeftTrainer does this for its final adapter; in a script use "

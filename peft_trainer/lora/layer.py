@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import decomposes_base
 from .functions import LoraBranch, LoraLinear
 from .functions import dropout as fast_dropout
 from .quant import is_quantized_weight, read_weight, write_weight
@@ -325,7 +326,7 @@ class Linear(FactoredLayer):
         a = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
         b = nn.Linear(r, self.out_features, bias=lora_bias, device=device, dtype=dtype)
         self._add_factors(name, a, b, r, alpha, dropout, init, use_rslora)
-        if isinstance(init, str) and init != "gaussian":
+        if decomposes_base(init):
             self._decompose_base(name, init)
         if use_dora:  # m starts as ‖W + ΔW‖: a DoRA adapter starts where its LoRA would
             self.lora_magnitude_vector[name] = nn.Parameter(self.weight_norm(name, read_weight(self.base_layer)))

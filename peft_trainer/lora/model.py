@@ -52,10 +52,7 @@ class PeftModel(nn.Module):
                 "or unload() the existing ones first"
             )
         self.base_model = LoraModel(base_model, self)
-        self.peft_config: dict[str, LoraConfig] = {}
-        self.adapter_state = AdapterState()
-        self._adapter_params: dict[str, list[nn.Parameter]] = {}
-        self.loaded_adapters: set[str] = set()  # adapters whose values came from files (load_adapter_tensors)
+        self._init_registry()
         for p in base_model.parameters():
             p.requires_grad_(False)
         self.add_adapter(adapter_name, config)
@@ -162,6 +159,13 @@ class PeftModel(nn.Module):
             if not layer.adapter_names:
                 plain = layer.base_layer if isinstance(layer, LoraLayer) else layer.original_module
                 set_module(self.get_base_model(), path, plain)
+
+    def _init_registry(self) -> None:
+        """The adapter registry and state (also for :func:`inject_adapter_in_model`'s unregistered holder)."""
+        self.peft_config: dict[str, LoraConfig] = {}
+        self.adapter_state = AdapterState()
+        self._adapter_params: dict[str, list[nn.Parameter]] = {}
+        self.loaded_adapters: set[str] = set()  # adapters whose values came from files (load_adapter_tensors)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
@@ -826,12 +830,7 @@ def inject_adapter_in_model(
     holder = PeftModel.__new__(PeftModel)  # the adapter registry and state, not registered as a submodule
     nn.Module.__init__(holder)
     object.__setattr__(holder, "base_model", LoraModel(model, holder))
-    holder.peft_config, holder.adapter_state, holder._adapter_params, holder.loaded_adapters = (
-        {},
-        AdapterState(),
-        {},
-        set(),
-    )
+    holder._init_registry()
     holder.add_adapter(adapter_name, peft_config)
     holder.set_adapter(adapter_name)
     object.__setattr__(model, "_peft_trainer_adapters", holder)
