@@ -8,6 +8,7 @@ import difflib
 import sys
 from collections.abc import Sequence
 
+from .distributed import end_process_group
 from .errors import CommandError, UsageError
 from .pipeline import QUICKSTART_GLOB, QUICKSTART_ROOT, merge_adapters, run_training, setup_logging, train_quickstart
 from .recipe import DEFAULT_MODEL, parse_recipe, recipe_parser
@@ -281,7 +282,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               + f"; commands: {', '.join(COMMANDS)}", file=sys.stderr)  # fmt: skip
         return EXIT_USAGE
     try:
-        return COMMANDS[command][0](rest)
+        code = COMMANDS[command][0](rest)
+        end_process_group()  # every rank got here: no collective is left in flight at exit
+        return code
     except UsageError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -73,3 +73,18 @@ def install() -> None:
     AcceleratorState.__init__ = accelerator_state_init  # type: ignore[method-assign]
     if PartialState._shared_state:  # a state set up before this import
         repair_cpu_deepspeed_state(PartialState())
+
+
+def end_process_group() -> None:
+    """Leave a multi-process run cleanly (the CLI's last step): wait until every rank is past its last collective,
+    then destroy the process group while the interpreter is still whole.
+
+    Without it, gloo's worker thread may release the last collective's work object (and with it Python tensors,
+    which needs the GIL) only after the main thread has begun interpreter finalization; the thread is then ended
+    inside that destructor and the process aborts with "terminate called without an active exception".
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

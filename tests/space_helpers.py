@@ -18,6 +18,7 @@ import torch
 
 from peft_trainer import LoraConfig, PeftModel, get_peft_model
 from peft_trainer.models import load_model
+from tests import processes
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = "tiny-llama"
@@ -144,7 +145,6 @@ def start_app(
     env: dict[str, str],
     log_path: Path,
     cwd: Path,
-    timeout: float = 120,
     unset: tuple[str, ...] = (),
     command: list[str] | None = None,
 ) -> tuple[subprocess.Popen, str]:
@@ -159,14 +159,17 @@ def start_app(
         start_new_session=True,
     )  # fmt: skip
     proc.log_file = log  # type: ignore[attr-defined]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def url_or_exit() -> str | bool | None:
         match = re.search(r"Running on local URL:\s+(http://[^\s,]+)", log_path.read_text(errors="replace"))
-        if match:
-            return proc, match.group(1).rstrip("/")
-        if proc.poll() is not None:
-            break
-        time.sleep(0.2)
+        return match.group(1).rstrip("/") if match else proc.poll() is not None
+
+    try:  # a cold start (model cache, first imports) is slow but keeps logging; only silence is a hang
+        url = processes.wait_for(url_or_exit, lambda: processes.size_of(log_path), what="app.py to start", poll=0.2)
+    except processes.Stalled:
+        url = None
+    if isinstance(url, str):
+        return proc, url
     stop_app(proc)
     raise RuntimeError(f"app.py did not start:\n{log_path.read_text(errors='replace')[-4000:]}")
 
@@ -216,11 +219,14 @@ def _netguard(event, args):
             f.write(f"{event} {host}\\n")
 
 sys.addaudithook(_netguard)
+for _name in filter(None, os.environ.get("NETGUARD_HIDE", "").split(",")):
+    sys.modules[_name] = None  # not installed, as far as imports and importlib.util.find_spec can tell
 """
 
 
-def netguard(folder: Path) -> dict[str, str]:
-    """Environment that makes a Python process log every DNS lookup or connect to a non-loopback host."""
+def netguard(folder: Path, hide: tuple[str, ...] = ()) -> dict[str, str]:
+    """Environment that makes a Python process log every DNS lookup or connect to a non-loopback host; the packages
+    in ``hide`` look uninstalled to it."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "sitecustomize.py").write_text(NETGUARD)
-    return {"PYTHONPATH": str(folder), "NETGUARD_LOG": str(folder / "attempts.log")}
+    return {"PYTHONPATH": str(folder), "NETGUARD_LOG": str(folder / "attempts.log"), "NETGUARD_HIDE": ",".join(hide)}

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from peft_trainer import PeftModel, models
 from peft_trainer.distributed import CPU_FSDP_ENV
 from peft_trainer.recipe import RECIPES_DIR
+from tests import processes
 from tests.space_helpers import free_port
 
 pytestmark = pytest.mark.slow
@@ -58,7 +59,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def _run(launcher: list[str], folder: Path, name: str, env: dict, *extra: str) -> tuple[Path, str]:
     out = folder / name
     command = [*launcher, "train", str(folder / "recipe.yaml"), "--output_dir", str(out), *extra]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    result = processes.run(command, env=env, cwd=ROOT)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
     return out, log
@@ -155,7 +156,7 @@ def _train(setup: dict, config: str, out, *target: str, extra: tuple[str, ...] =
     command = [*launcher(config, *target), "train", str(setup["folder"] / "recipe.yaml"), "--output_dir", str(out),
                *TRAINING, *extra]  # fmt: skip
     env = {**setup["env"], **cpu_env(config)}
-    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    return processes.run(command, env=env, cwd=ROOT)
 
 
 def _losses(log: str) -> list[str]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import subprocess
 import sys
 
 import httpx2
@@ -22,7 +21,7 @@ from huggingface_hub import set_client_factory
 from huggingface_hub.utils import _http
 
 from peft_trainer import PeftModel, PeftTrainer
-from tests import conftest_hub
+from tests import conftest_hub, processes
 from tests.conftest import tiny_llama
 from tests.trainer_helpers import adapter_file, assert_same_tensors, fast_args, tiny_tokenizer, token_dataset
 
@@ -100,7 +99,7 @@ def test_push_fault_keeps_training_and_local_adapter_then_cli_push_works(
     # A later push from the command line, in its own process, works and the adapter loads back from the Hub.
     hub_server.clear_faults()
     cli = [sys.executable, "-m", "peft_trainer.cli", "push", str(out), "--repo-id", "tiny-lora"]
-    done = subprocess.run(cli, env=dict(os.environ), capture_output=True, text=True, timeout=300)
+    done = processes.run(cli, env=dict(os.environ))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "pushed" in done.stdout
     assert sorted(hub_server.repo_files(repo)) == ROOT_FILES

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests import processes
 from tests.trainer_helpers import adapter_file, assert_same_optimizer, assert_same_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +64,7 @@ class Runner:
 
     def close(self) -> None:
         self.proc.stdin.close()
-        self.proc.wait(timeout=30)
+        self.proc.wait(timeout=processes.HANG_S)
 
 
 @pytest.fixture(scope="module")
@@ -81,11 +82,14 @@ def _staging(out: Path) -> list[Path]:
     return sorted(out.glob("tmp-checkpoint-*"))
 
 
-def _wait_until(condition, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting for the training run"
-        time.sleep(0.005)
+def _wait_until(out: Path, condition) -> None:
+    """Wait for ``condition`` while the run makes progress (new files in ``out``, a growing log)."""
+
+    def progress() -> tuple:
+        names = sorted(str(p.relative_to(out)) for p in out.rglob("*")) if out.exists() else []
+        return names, processes.size_of(Path(str(out) + ".log"))
+
+    processes.wait_for(condition, progress, what=f"the training run in {out}", poll=0.005)
 
 
 @pytest.fixture(scope="module")
@@ -94,9 +98,9 @@ def reference(runner, tmp_path_factory) -> tuple[Path, float, float]:
     out = tmp_path_factory.mktemp("reference") / "run"
     start = time.monotonic()
     pid = runner.start(out)
-    _wait_until(lambda: _checkpoints(out))
+    _wait_until(out, lambda: _checkpoints(out))
     first = time.monotonic() - start
-    _wait_until(lambda: MAX_STEPS in _checkpoints(out))
+    _wait_until(out, lambda: MAX_STEPS in _checkpoints(out))
     last = time.monotonic() - start
     assert runner.wait(pid) == 0, Path(str(out) + ".log").read_text()
     assert sorted(_checkpoints(out)) == list(range(SAVE_STEPS, MAX_STEPS + 1, SAVE_STEPS))
@@ -120,13 +124,13 @@ def _kill_at_random_moment(runner: Runner, out: Path, rng: random.Random, aim: s
     pid = runner.start(out)
     span = last - first if aim == "any" else 0.6 * (last - first)  # aimed kills should land before the last save
     time.sleep(rng.uniform(first, first + span - 0.3))  # a random moment of the run
-    _wait_until(lambda: _checkpoints(out))  # resuming needs one complete checkpoint
+    _wait_until(out, lambda: _checkpoints(out))  # resuming needs one complete checkpoint
     if aim == "write":
-        _wait_until(lambda: _staging(out) or MAX_STEPS in _checkpoints(out))
+        _wait_until(out, lambda: _staging(out) or MAX_STEPS in _checkpoints(out))
         time.sleep(rng.uniform(0, SLOW_SAVE))
     elif aim == "step":
         done = set(_checkpoints(out))
-        _wait_until(lambda: set(_checkpoints(out)) - done or MAX_STEPS in done)
+        _wait_until(out, lambda: set(_checkpoints(out)) - done or MAX_STEPS in done)
         time.sleep(rng.uniform(0, 0.02))
     delay = time.monotonic() - start
     os.kill(pid, signal.SIGKILL)

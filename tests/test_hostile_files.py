@@ -19,7 +19,6 @@ import resource
 import shutil
 import stat
 import struct
-import subprocess
 import sys
 import uuid
 import zipfile
@@ -32,6 +31,7 @@ import pytest
 import torch
 
 from peft_trainer import LoraConfig, PeftModel, get_peft_model
+from tests import processes
 from tests.space_helpers import ROOT, make_zip, zip_adapter
 
 from .conftest import tiny_llama
@@ -473,6 +473,7 @@ def drive() -> None:
             calls.append({"call": call, "intact": intact,
                           "error": type(error).__name__ if error else None, "message": str(error or "")})  # fmt: skip
         after = listing(root)
+        print(f"case {case['id']} done", flush=True)  # progress for the parent's wait
         records[case["id"]] = {
             "calls": calls,
             "rss_growth_mb": peak_mb() - mark,  # how far this case pushed the high-water mark
@@ -514,8 +515,9 @@ def hostile(tmp_path_factory: pytest.TempPathFactory):
     before = listing(root)
     env = {**os.environ, "TMPDIR": str(root / "tmp"), "MAX_UPLOAD_MB": str(UPLOAD_MB)}
     code = "from tests.test_hostile_files import drive; drive()"
-    proc = subprocess.run([sys.executable, "-c", code, str(top / "spec.json"), str(top / "out.json")], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=400)  # fmt: skip
+    proc = processes.run(
+        [sys.executable, "-c", code, str(top / "spec.json"), str(top / "out.json")], cwd=ROOT, env=env
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     out = json.loads((top / "out.json").read_text())
     records = out["cases"]

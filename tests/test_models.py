@@ -187,9 +187,9 @@ dist.destroy_process_group()
 @pytest.mark.slow
 def test_cache_built_by_rank_1_of_a_process_group_holds_the_model(tmp_path: Path) -> None:
     """transformers' save_pretrained writes weights only on rank 0 of an initialized group; the cache must not care."""
-    import subprocess
     import sys
 
+    from tests import processes
     from tests.space_helpers import free_port
 
     script = tmp_path / "build.py"
@@ -197,7 +197,7 @@ def test_cache_built_by_rank_1_of_a_process_group_holds_the_model(tmp_path: Path
     env = {**os.environ, models.CACHE_ENV: str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                "--master_port", str(free_port()), str(script)]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    done = processes.run(command, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "loaded gpt2" in done.stdout
     assert (tmp_path / "cache" / "models" / "tiny-gpt2" / "model.safetensors").is_file()

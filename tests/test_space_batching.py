@@ -11,7 +11,7 @@ import pytest
 
 from peft_trainer.models import load_model
 from peft_trainer_space.engine import AdapterEngine, Limits, Sampling
-from tests import space_helpers
+from tests import processes, space_helpers
 from tests.space_helpers import BASE, NEW_TOKENS, PROMPT, adapter_paths, greedy, oracle_model
 
 space_cache, adapter_dir, oracle = space_helpers.space_cache, space_helpers.adapter_dir, space_helpers.oracle
@@ -59,7 +59,7 @@ def _run_together(engine: AdapterEngine, requests: list, sampling: dict | list[d
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=120)
+        t.join(timeout=processes.HANG_S)
     return results
 
 

@@ -11,8 +11,10 @@ from urllib.parse import urlsplit
 import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 
-from tests import space_helpers
+from tests import processes, space_helpers
 from tests.space_helpers import BASE, NEW_TOKENS, PROMPT, adapter_paths
+
+WAIT_MS = int(processes.HANG_S * 1000)  # a hang, not slowness: see tests/processes.py
 
 space_cache, adapter_dir, oracle = space_helpers.space_cache, space_helpers.adapter_dir, space_helpers.oracle
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
@@ -60,7 +62,7 @@ def page(app_url: str, tmp_path: Path) -> Iterator[Page]:
             page.route("**/*", guard)
             page.on("pageerror", lambda e: page.errors.append(str(e)))  # type: ignore[attr-defined]
             page.goto(app_url)
-            expect(page.locator("#generate")).to_be_visible(timeout=30_000)
+            expect(page.locator("#generate")).to_be_visible(timeout=WAIT_MS)
             yield page
         finally:
             browser.close()
@@ -86,7 +88,7 @@ def test_pick_adapter_generate_and_merge(page: Page, oracle: dict[str, str], tmp
     expect(page.get_by_role("combobox", name="Adapter", exact=True)).to_have_value("pirate")
     page.locator("#prompt textarea").fill(PROMPT)
     page.locator("#generate").click()
-    expect(page.locator("#output textarea")).to_have_value(oracle["pirate"], timeout=30_000)
+    expect(page.locator("#output textarea")).to_have_value(oracle["pirate"], timeout=WAIT_MS)
     page.screenshot(path=screenshot_path(tmp_path, "space_chat.png"), full_page=True)
 
     page.get_by_role("tab", name="Merge").click()
@@ -95,14 +97,14 @@ def test_pick_adapter_generate_and_merge(page: Page, oracle: dict[str, str], tmp
     page.locator("#merged-name textarea").fill("both")
     page.locator("#try-prompt textarea").fill(PROMPT)
     page.locator("#merge").click()
-    expect(page.locator("#merge-status textarea")).to_have_value("Created 'both'; Chat now uses it.", timeout=30_000)
-    expect(page.locator("#try-output textarea")).to_have_value(oracle["both"], timeout=30_000)
+    expect(page.locator("#merge-status textarea")).to_have_value("Created 'both'; Chat now uses it.", timeout=WAIT_MS)
+    expect(page.locator("#try-output textarea")).to_have_value(oracle["both"], timeout=WAIT_MS)
     page.screenshot(path=screenshot_path(tmp_path, "space_merge.png"), full_page=True)
 
     page.get_by_role("tab", name="Chat").click()
     expect(page.get_by_role("combobox", name="Adapter", exact=True)).to_have_value("both")
     page.locator("#generate").click()
-    expect(page.locator("#output textarea")).to_have_value(oracle["both"], timeout=30_000)
+    expect(page.locator("#output textarea")).to_have_value(oracle["both"], timeout=WAIT_MS)
     assert page.blocked == [] and page.errors == []  # type: ignore[attr-defined]
 
 

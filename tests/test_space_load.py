@@ -19,7 +19,7 @@ import psutil
 import pytest
 from gradio_client import Client
 
-from tests import space_helpers
+from tests import processes, space_helpers
 from tests.space_helpers import BASE, NEW_TOKENS, PROMPT, adapter_paths, greedy, oracle_model
 
 pytestmark = pytest.mark.slow
@@ -115,7 +115,7 @@ def test_32_clients_with_mixed_adapters(app, expected: dict[tuple[str, str], str
             client = Client(url, analytics_enabled=False, verbose=False)
         except Exception as e:
             errors.append(f"client {index} could not connect: {e!r}")
-        ready.wait(timeout=300)
+        ready.wait(timeout=processes.HANG_S)
         for n in range(index, index + REQUESTS) if client is not None else ():
             adapter, prompt = COMBOS[n % len(COMBOS)]
             try:
@@ -127,11 +127,11 @@ def test_32_clients_with_mixed_adapters(app, expected: dict[tuple[str, str], str
     threads = [threading.Thread(target=run_client, args=(i,), daemon=True) for i in range(CLIENTS)]
     for t in threads:
         t.start()
-    ready.wait(timeout=300)
+    ready.wait(timeout=processes.HANG_S)
     sampler.start()
     began = time.monotonic()
     for t in threads:
-        t.join(timeout=600)
+        t.join(timeout=2 * processes.HANG_S)
     took = time.monotonic() - began
     stop.set()
     sampler.join()

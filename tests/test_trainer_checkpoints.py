@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from peft_trainer import PeftTrainer
+from tests import processes
 from tests.conftest import tiny_llama
 from tests.trainer_helpers import (
     adapter_file,
@@ -96,7 +96,7 @@ def test_interrupted_save_never_looks_complete_and_resume_skips_it(tmp_path, mon
 
 def _run(*argv: str) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "0"}
-    subprocess.run([sys.executable, str(SCRIPT), *argv], check=True, cwd=ROOT, env=env, timeout=300)
+    processes.run([sys.executable, str(SCRIPT), *argv], check=True, cwd=ROOT, env=env)
 
 
 def _optimizer_state(ckpt: Path) -> dict:

@@ -16,6 +16,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from peft_trainer import PeftTrainer  # noqa: E402
+from peft_trainer.distributed import end_process_group  # noqa: E402
 from tests.conftest import tiny_llama  # noqa: E402
 from tests.trainer_helpers import fast_args, token_dataset  # noqa: E402
 
@@ -39,7 +40,7 @@ def main() -> None:
     dist.all_gather(gathered, tensors)
     same = all(torch.equal(gathered[0], g) for g in gathered)
     print(f"RANK {dist.get_rank()} ddp={type(ddp).__name__} find_unused={ddp.find_unused_parameters} same={same}")
-    dist.barrier()  # lets gloo's worker thread drop the all_gather's tensors before the interpreter exits
+    end_process_group()  # gloo's worker thread lets go of the all_gather's tensors before the interpreter exits
 
 
 if __name__ == "__main__":
