@@ -7,6 +7,7 @@ import argparse
 import difflib
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .distributed import end_process_group
 from .errors import CommandError, UsageError
@@ -137,21 +138,28 @@ def cmd_push(args: Sequence[str]) -> int:
             "modified; on failure the cause is printed and the exit code is 1."
         ),
     )
-    parser.add_argument("folder", help="output folder of a training run (holds adapter_config.json)")
-    parser.add_argument("--repo-id", required=True, help="target repository, 'owner/name' or 'name'")
+    parser.add_argument("folders", nargs="+", metavar="folder", help="output folder(s) of training runs")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--repo-id", help="target repository, 'owner/name' or 'name' (one folder)")
+    target.add_argument("--namespace", help="push each folder to NAMESPACE/<folder name> (e.g. your user name)")
     parser.add_argument("--token", help="Hub token (default: HF_TOKEN or the saved login)")
-    parser.add_argument("--private", action="store_true", default=None, help="create the repository as private")
+    parser.add_argument("--private", action="store_true", default=None, help="create the repositories as private")
     parser.add_argument("--revision", help="branch to push to")
     parser.add_argument("--commit-message", help="commit message")
     parser.add_argument("--dry-run", action="store_true", help="list the files that would be pushed and stop")
     opts = parser.parse_args(args)
+    if opts.repo_id and len(opts.folders) > 1:
+        parser.error("--repo-id takes one folder; for several, use --namespace (each goes to NAMESPACE/<folder name>)")
+    targets = {f: opts.repo_id or f"{opts.namespace.strip('/')}/{Path(f).resolve().name}" for f in opts.folders}
     setup_logging()
-    if opts.dry_run:
-        for name in files_to_push(opts.folder):
-            print(name)
-        return EXIT_OK
-    commit = push_folder(opts.folder, opts.repo_id, opts.token, opts.private, opts.revision, opts.commit_message)
-    print(f"{PROG}: pushed {opts.folder} to {getattr(commit, 'commit_url', None) or opts.repo_id}")
+    for folder, repo_id in targets.items():
+        if opts.dry_run:
+            print(f"{folder} -> {repo_id}:", *files_to_push(folder), sep="\n  ")
+            continue
+        commit = push_folder(folder, repo_id, opts.token, opts.private, opts.revision, opts.commit_message)
+        print(f"{PROG}: pushed {folder} to {getattr(commit, 'commit_url', None) or repo_id}")
+    if opts.namespace and not opts.dry_run:  # what a Space serving them needs (README: "Deploy the Space")
+        print("ADAPTERS=" + ",".join(f"{Path(f).resolve().name}={r}" for f, r in targets.items()))
     return EXIT_OK
 
 

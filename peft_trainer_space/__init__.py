@@ -7,14 +7,29 @@ import os
 from pathlib import Path
 
 from peft_trainer.folders import CONFIG_NAME
+from peft_trainer.models import EMBEDDED_MODELS
 
 from .engine import AdapterEngine, Limits
 from .files import ZipLimits
+from .zerogpu import on_zero_gpu
+
+log = logging.getLogger("peft_trainer_space")
 
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
 QUICKSTART_ADAPTERS = f"outputs/quickstart/*/{CONFIG_NAME}"
 # Opt-in: let visitors push with the Space's own HF_TOKEN (on a public Space: anyone). Off, they sign in or type one.
 PUSH_WITH_SPACE_TOKEN = "PUSH_WITH_SPACE_TOKEN"
+
+
+def on_spaces() -> bool:
+    """Running on Hugging Face Spaces (which sets SPACE_ID)."""
+    return bool(os.environ.get("SPACE_ID", "").strip())
+
+
+def default_base_model() -> str:
+    """The embedded SmolLM2 locally; on Spaces its Hub id (the embedded copy's pip package cannot be installed there
+    without its llama.cpp dependencies)."""
+    return EMBEDDED_MODELS[DEFAULT_BASE_MODEL].hub_id if on_spaces() else DEFAULT_BASE_MODEL
 
 
 def quickstart_adapters(root: str | os.PathLike = ".") -> list[tuple[str | None, str]]:
@@ -55,12 +70,19 @@ def limits_from_env() -> Limits:
 
 
 def create_engine(base_model: str | None = None, adapters: str | list[str] | None = None) -> AdapterEngine:
-    """BASE_MODEL (default: the embedded SmolLM2-135M-Instruct), ADAPTERS, HF_TOKEN (private downloads; pushes only
-    with PUSH_WITH_SPACE_TOKEN=1), unless given here."""
-    base = base_model or os.environ.get("BASE_MODEL") or DEFAULT_BASE_MODEL
+    """BASE_MODEL (default: ``default_base_model()``), ADAPTERS, HF_TOKEN (private downloads; pushes only with
+    PUSH_WITH_SPACE_TOKEN=1), BATCHING (default on, off on ZeroGPU), unless given here."""
+    base = base_model or os.environ.get("BASE_MODEL") or default_base_model()
     specs = parse_adapters(adapters if adapters is not None else os.environ.get("ADAPTERS"))
+    if not specs and on_spaces():
+        log.warning("no adapters: set the Space variable ADAPTERS=name=owner/repo,... (`peft-trainer push FOLDER... "
+                    "--namespace YOU` prints it), or add them in the app")  # fmt: skip
     push_with_space_token = os.environ.get(PUSH_WITH_SPACE_TOKEN, "").strip() == "1"
-    batching = os.environ.get("BATCHING", "1").strip() != "0"
+    batching = os.environ.get("BATCHING", "0" if on_zero_gpu() else "1").strip() != "0"
+    if on_zero_gpu() and batching:
+        log.warning("BATCHING=1 on ZeroGPU: the shared decoding thread runs outside any @spaces.GPU call")
+    elif on_zero_gpu():
+        log.info("ZeroGPU: batching is off; each request generates inside its own @spaces.GPU call")
     return AdapterEngine.load(
         base, specs, limits_from_env(), token=os.environ.get("HF_TOKEN") or None,
         push_with_space_token=push_with_space_token, batching=batching,
@@ -81,10 +103,16 @@ def launch(
 
     # Batching serves a request per batch row at once; threads running their own generate() contend beyond a few.
     demo = build_demo(engine, concurrency=_int_env("CONCURRENCY", 32 if engine.batcher is not None else 8))
-    try:
-        demo.launch(server_name=host, server_port=port, share=False, max_file_size=engine.limits.zip.max_zip_bytes)
+    try:  # quiet: no "set share=True" hint (no share link is wanted); the URL line is printed here instead
+        demo.launch(server_name=host, server_port=port, share=False, max_file_size=engine.limits.zip.max_zip_bytes,
+                    quiet=True, prevent_thread_lock=True)  # fmt: skip
+        print(f"* Running on local URL:  {demo.local_url.rstrip('/')}", flush=True)
+        demo.block_thread()
     finally:
         engine.close()
 
 
-__all__ = ["AdapterEngine", "Limits", "create_engine", "launch", "parse_adapters", "quickstart_adapters"]
+__all__ = [
+    "AdapterEngine", "Limits", "create_engine", "default_base_model", "launch", "on_spaces", "parse_adapters",
+    "quickstart_adapters",
+]  # fmt: skip

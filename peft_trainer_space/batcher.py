@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import logging
 import queue
 import threading
@@ -20,9 +21,12 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 log = logging.getLogger("peft_trainer_space")
 _DONE = object()
+# transformers 5.x renamed the KV cache argument and output field past_key_values -> cache (the old name warns).
+CACHE = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
 
 
 @dataclass
@@ -163,7 +167,7 @@ class Batcher:
             return
         if self._emit(request, token):
             return
-        layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        layers = [(layer.keys, layer.values) for layer in getattr(out, CACHE).layers]
         self._join(request, layers, ids.shape[1])
 
     def _join(self, request: Request, layers: list[tuple[torch.Tensor, torch.Tensor]], length: int) -> None:
@@ -192,10 +196,10 @@ class Batcher:
         positions = torch.tensor([[p] for p in self._positions], device=device)
         model, kwargs, choice = self._model([r.adapter for r in rows])
         with choice, torch.inference_mode():
-            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self._cache,
-                        use_cache=True, **kwargs)  # fmt: skip
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                        **{CACHE: self._cache}, **kwargs)  # fmt: skip
         self.steps += 1
-        self._cache, self._mask = out.past_key_values, mask
+        self._cache, self._mask = getattr(out, CACHE), mask
         self._positions = [p + 1 for p in self._positions]
         keep = []
         for i, row in enumerate(rows):

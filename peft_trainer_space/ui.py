@@ -16,6 +16,7 @@ from peft_trainer.errors import PeftTrainerError
 from peft_trainer.lora.combine import COMBINATION_TYPES
 
 from .engine import BASE, AdapterEngine, Sampling
+from .zerogpu import gpu_task
 
 log = logging.getLogger("peft_trainer_space")
 BASE_LABEL = "base model (no adapter)"
@@ -160,7 +161,7 @@ def build_demo(engine: AdapterEngine, concurrency: int = 8) -> gr.Blocks:
                 card_pick = gr.Dropdown(
                     adapter_choices(False), value=first_adapter(), label="Adapter to inspect", allow_custom_value=True
                 )
-                card_md = gr.Markdown()
+                card_md = gr.Markdown(label="Adapter card")
                 loss_plot = gr.LinePlot(x="step", y="loss", label="Training loss", height=260)
             with gr.Tab("Merge"):
                 merge_pick = gr.Dropdown(
@@ -199,7 +200,9 @@ def build_demo(engine: AdapterEngine, concurrency: int = 8) -> gr.Blocks:
                     gr.LoginButton()
                 with gr.Row():
                     push_repo = gr.Textbox(label="Hub repo id to push to", placeholder="your-name/my-adapter")
-                    push_token = gr.Textbox(label="Hub token (write)", type="password", placeholder="hf_...")
+                    push_token = gr.Textbox(
+                        "", label="Hub token (write; empty: your sign-in)", type="password", placeholder="hf_..."
+                    )
                     push_private = gr.Checkbox(True, label="Private repo")
                 push_go = gr.Button("Push to the Hub")
                 with gr.Accordion("Remove an adapter you added in this session", open=False):
@@ -223,6 +226,7 @@ def build_demo(engine: AdapterEngine, concurrency: int = 8) -> gr.Blocks:
             return [chat_update, gr.update(choices=full), gr.update(choices=full), gr.update(choices=names),
                     gr.update(choices=engine.names()), gr.update(choices=names)]  # fmt: skip
 
+        @gpu_task
         @_user_errors
         def generate(
             adapter: str, prompt: str, max_new_tokens: float, do_sample: bool, temperature: float, top_p: float,
@@ -231,6 +235,7 @@ def build_demo(engine: AdapterEngine, concurrency: int = 8) -> gr.Blocks:
             s = sampling(max_new_tokens, do_sample, temperature, top_p, top_k, chat_template)
             yield from engine.stream(adapter, prompt, s)
 
+        @gpu_task
         @_user_errors
         def compare(
             left: str, right: str, prompt: str, max_new_tokens: float, do_sample: bool, temperature: float,
@@ -246,6 +251,7 @@ def build_demo(engine: AdapterEngine, concurrency: int = 8) -> gr.Blocks:
             card = engine.card(adapter)
             return _card_markdown(card), pd.DataFrame(card["loss"], columns=["step", "loss"])
 
+        @gpu_task
         @_user_errors
         def merge(
             adapters: list[str], weights: str, combination_type: str, svd_rank: float, density: float, name: str,
@@ -284,6 +290,7 @@ def build_demo(engine: AdapterEngine, concurrency: int = 8) -> gr.Blocks:
         def export_adapter(adapter: str) -> str:
             return str(engine.export_adapter(adapter))
 
+        @gpu_task
         @_user_errors
         def export_merged(adapter: str) -> str:
             return str(engine.export_merged_model(adapter))

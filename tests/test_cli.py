@@ -424,6 +424,24 @@ def test_push_uploads_only_adapter_card_and_tokenizer_files(trained: Path, tmp_p
     assert _tree_digest(folder) == before
 
 
+def test_push_namespace_pushes_each_folder_and_prints_the_space_adapters(
+    trained: Path, tmp_path: Path, hub_server, capsys
+) -> None:
+    import shutil
+
+    folders = [tmp_path / "quickstart" / name for name in ("json", "pirate")]
+    for folder in folders:
+        shutil.copytree(trained, folder)
+    assert main(["push", *map(str, folders), "--namespace", hub_server.user]) == 0
+    out = capsys.readouterr().out
+    for folder in folders:
+        pushed = hub_server.repo_files(f"{hub_server.user}/{folder.name}")
+        assert pushed["adapter_model.safetensors"] == (folder / "adapter_model.safetensors").read_bytes()
+    assert f"ADAPTERS=json={hub_server.user}/json,pirate={hub_server.user}/pirate" in out.splitlines()
+    assert main(["push", *map(str, folders), "--repo-id", "one"]) == 2  # one repo id for two folders: refused
+    assert "use --namespace" in capsys.readouterr().err
+
+
 def test_behaviour_recipe_with_push_to_hub_pushes_once_with_the_score(tmp_path: Path, hub_server) -> None:
     _write_jsonl(tmp_path / "train.jsonl", _chat_rows(8))
     prompts = _write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "What is 2 plus 1?"}, {"prompt": "Hi"}])

@@ -62,6 +62,24 @@ def test_generate_with_each_adapter(client: Client, oracle: dict[str, str], adap
     assert client.predict(*gen(adapter), api_name="/generate") == oracle[adapter]
 
 
+def test_api_labels_every_output_and_marks_optional_inputs(client: Client) -> None:
+    named = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    unnamed = [
+        (path, r["label"]) for path, e in named.items() for r in e["returns"] if r["label"].startswith("value_")
+    ]
+    assert not unnamed, unnamed
+    assert [r["label"] for r in named["/card"]["returns"]] == ["Adapter card", "Training loss"]
+    optional = {p["parameter_name"]: p["parameter_has_default"] for p in named["/push"]["parameters"]}
+    assert optional["token"] and optional["private"] and not optional["repo_id"]  # token: typed, else the sign-in
+
+
+def test_log_has_no_share_hint_or_deprecation_warnings(client: Client, app: tuple[str, Path]) -> None:
+    client.predict(*gen("pirate"), api_name="/generate")
+    log = app[1].read_text(errors="replace")
+    assert "Running on local URL:" in log
+    assert "share=True" not in log and "past_key_values" not in log and "deprecated" not in log.lower(), log
+
+
 def test_generate_streams(client: Client, oracle: dict[str, str]) -> None:
     job = client.submit(*gen("poet"), api_name="/generate")
     chunks = list(job)
