@@ -44,6 +44,12 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
     return render_chat(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)
 
 
+def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], **kwargs: Any) -> BatchEncoding:
+    """One conversation, tokenized to end where the assistant's next answer begins (``kwargs`` as below)."""
+    text = render_chat(tokenizer, messages, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=adds_special_tokens(tokenizer), **kwargs)
+
+
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str], **kwargs: Any) -> BatchEncoding:
     """Tokenized :func:`render_prompt` texts (``kwargs``: e.g. ``return_tensors="pt", padding=True``)."""
     texts = [render_prompt(tokenizer, p) for p in prompts]

@@ -11,6 +11,7 @@ from peft_trainer.models import EMBEDDED_MODELS
 
 from .engine import AdapterEngine, Limits
 from .files import ZipLimits
+from .training import AdapterTraining, TrainLimits
 from .zerogpu import on_zero_gpu
 
 log = logging.getLogger("peft_trainer_space")
@@ -69,6 +70,14 @@ def limits_from_env() -> Limits:
     )
 
 
+def train_limits_from_env() -> TrainLimits:
+    """MAX_TRAIN_ROWS, MAX_TRAIN_STEPS, MAX_TRAIN_RANK, MAX_TRAIN_MINUTES: the Train tab's bounds."""
+    return TrainLimits(
+        max_rows=_int_env("MAX_TRAIN_ROWS", 1000), max_steps=_int_env("MAX_TRAIN_STEPS", 200),
+        max_rank=_int_env("MAX_TRAIN_RANK", 64), max_seconds=60.0 * _int_env("MAX_TRAIN_MINUTES", 15),
+    )  # fmt: skip
+
+
 def create_engine(base_model: str | None = None, adapters: str | list[str] | None = None) -> AdapterEngine:
     """BASE_MODEL (default: ``default_base_model()``), ADAPTERS, HF_TOKEN (private downloads; pushes only with
     PUSH_WITH_SPACE_TOKEN=1), BATCHING (default on, off on ZeroGPU), unless given here."""
@@ -102,7 +111,8 @@ def launch(
     from .ui import build_demo  # gradio is imported only now, after the switches above
 
     # Batching serves a request per batch row at once; threads running their own generate() contend beyond a few.
-    demo = build_demo(engine, concurrency=_int_env("CONCURRENCY", 32 if engine.batcher is not None else 8))
+    concurrency = _int_env("CONCURRENCY", 32 if engine.batcher is not None else 8)
+    demo = build_demo(engine, concurrency, AdapterTraining(engine, train_limits_from_env()))
     try:  # quiet: no "set share=True" hint (no share link is wanted); the URL line is printed here instead
         demo.launch(server_name=host, server_port=port, share=False, max_file_size=engine.limits.zip.max_zip_bytes,
                     quiet=True, prevent_thread_lock=True)  # fmt: skip
@@ -114,5 +124,5 @@ def launch(
 
 __all__ = [
     "AdapterEngine", "Limits", "create_engine", "default_base_model", "launch", "on_spaces", "parse_adapters",
-    "quickstart_adapters",
+    "quickstart_adapters", "train_limits_from_env",
 ]  # fmt: skip

@@ -29,7 +29,7 @@ from peft_trainer.lora.combine import COMBINATION_TYPES
 from peft_trainer.lora.layer import AdapterState
 from peft_trainer.lora.model import BASE, PeftModel, attach_adapter, numel
 from peft_trainer.models import _HUB_ID  # the one definition of an "owner/name" repo id
-from peft_trainer.prompts import encode_prompts
+from peft_trainer.prompts import encode_chat, encode_prompts
 
 from . import files
 from .batcher import Batcher, Request, sampling_processors
@@ -146,6 +146,19 @@ def check_keeps_base(config: LoraConfig, name: str) -> None:
         )
 
 
+def check_conversation(messages: list[Any]) -> list[dict[str, str]]:
+    """A conversation as ``[{"role", "content"}]`` with string contents, ending with a non-empty user turn."""
+    roles = ("system", "user", "assistant")
+    clean = []
+    for i, m in enumerate(messages, start=1):
+        if not isinstance(m, dict) or m.get("role") not in roles or not isinstance(m.get("content"), str):
+            raise ValueError(f"Message {i} must be {{'role': one of {roles}, 'content': text}}, got {m!r}")
+        clean.append({"role": m["role"], "content": m["content"]})
+    if not clean or clean[-1]["role"] != "user" or not clean[-1]["content"].strip():
+        raise ValueError("The conversation must end with a message from you: type something to answer")
+    return clean
+
+
 def _shared_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A new module tree around ``model``'s own parameter and buffer tensors."""
     return copy.deepcopy(model, memo={id(t): t for t in (*model.parameters(), *model.buffers())})
@@ -219,6 +232,16 @@ class AdapterEngine:
 
     def names(self) -> list[str]:
         return list(self.adapters)
+
+    @property
+    def work_dir(self) -> Path:
+        """This engine's scratch folder (uploads, exports, trained adapters); removed by ``close()``."""
+        return self._work
+
+    def training_base(self) -> torch.nn.Module:
+        """A new module tree around the base's own weights, with no adapter in it: what a training in the Space
+        injects its LoRA layers into and switches to train mode, without touching the served model."""
+        return _shared_copy(self._plain)
 
     def runs_alone(self, name: str) -> bool:
         """Whether ``name`` adapts parameters (``target_parameters``), whose layers cannot take an adapter per row."""
@@ -343,7 +366,9 @@ class AdapterEngine:
 
     # ---- generation -------------------------------------------------------------------------------------------
 
-    def _checked(self, adapter: str | None, prompt: str, sampling: Sampling) -> tuple[str, dict[str, torch.Tensor]]:
+    def _checked(
+        self, adapter: str | None, prompt: str | list[dict[str, str]], sampling: Sampling
+    ) -> tuple[str, dict[str, torch.Tensor]]:
         adapter = adapter or BASE
         if adapter != BASE:
             self._known(adapter)
@@ -352,9 +377,11 @@ class AdapterEngine:
             raise ValueError(f"max_new_tokens={sampling.max_new_tokens} is outside 1..{cap}, this Space's cap")
         if sampling.do_sample and not (sampling.temperature > 0 and 0 < sampling.top_p <= 1 and sampling.top_k >= 0):
             raise ValueError("Sampling needs temperature > 0, 0 < top_p <= 1 and top_k >= 0")
-        if not isinstance(prompt, str) or not prompt.strip():
+        if isinstance(prompt, list):  # a conversation: always through the chat template, as in training
+            enc = encode_chat(self.tokenizer, check_conversation(prompt), return_tensors="pt")
+        elif not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("The prompt is empty: type something to generate from")
-        if sampling.chat_template:  # as in training: the tokenizer's chat template, or the fallback one
+        elif sampling.chat_template:  # as in training: the tokenizer's chat template, or the fallback one
             enc = encode_prompts(self.tokenizer, [prompt], return_tensors="pt")
         else:
             enc = self.tokenizer(prompt, return_tensors="pt")
@@ -394,9 +421,11 @@ class AdapterEngine:
                 yield model
 
     def stream(
-        self, adapter: str | None, prompt: str, sampling: Sampling | None = None, cancel: threading.Event | None = None
-    ) -> Iterator[str]:
+        self, adapter: str | None, prompt: str | list[dict[str, str]], sampling: Sampling | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Iterator[str]:  # fmt: skip
         """Generate with ``adapter`` and yield the text so far after each new piece (checks run before it starts).
+        ``prompt``: one user message, or a conversation (``{"role", "content"}`` dicts ending with a user turn).
 
         The tokens come from a worker thread (transformers' ``TextIteratorStreamer``). Context variables are not
         inherited by a new thread, so it runs in a copy of the caller's context, and it enters the adapter choice
@@ -466,15 +495,20 @@ class AdapterEngine:
         if not shown:
             yield text
 
-    def generate(self, adapter: str | None, prompt: str, sampling: Sampling | None = None) -> str:
+    def generate(
+        self, adapter: str | None, prompt: str | list[dict[str, str]], sampling: Sampling | None = None
+    ) -> str:
         return collections.deque(self.stream(adapter, prompt, sampling), maxlen=1)[0]
 
     def compare(
-        self, left: str | None, right: str | None, prompt: str, sampling: Sampling | None = None
-    ) -> Iterator[tuple[str, str]]:
-        """Generate with two adapters at once, same prompt and settings; yields ``(left text, right text)``."""
+        self, left: str | None, right: str | None, prompt: str | list[dict[str, str]],
+        sampling: Sampling | None = None, right_prompt: str | list[dict[str, str]] | None = None,
+    ) -> Iterator[tuple[str, str]]:  # fmt: skip
+        """Generate with two adapters at once, same settings; yields ``(left text, right text)``. ``right_prompt``:
+        the right side's own conversation (each side keeps its own answers), else the same prompt."""
         cancel = threading.Event()
-        streams = [self.stream(left, prompt, sampling, cancel), self.stream(right, prompt, sampling, cancel)]
+        right_prompt = prompt if right_prompt is None else right_prompt
+        streams = [self.stream(left, prompt, sampling, cancel), self.stream(right, right_prompt, sampling, cancel)]
         return self._merge_streams(streams, cancel)
 
     def _merge_streams(self, streams: list[Iterator[str]], cancel: threading.Event) -> Iterator[tuple[str, str]]:

@@ -1,4 +1,4 @@
-"""build_demo(engine) -> gr.Blocks: chat, compare, adapter card, merge, export/push/add; the handlers stay thin."""
+"""build_demo(engine) -> gr.Blocks: chat, compare, adapter card, merge, train, export/push/add; thin handlers."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from peft_trainer.errors import PeftTrainerError
 from peft_trainer.lora.combine import COMBINATION_TYPES
 
 from .engine import BASE, AdapterEngine, Sampling
+from .training import AdapterTraining, TrainSettings, read_rows
 from .zerogpu import gpu_task
 
 log = logging.getLogger("peft_trainer_space")
@@ -86,6 +87,23 @@ def _weights(text: str) -> list[float] | None:
         raise ValueError(f"Weights must be numbers separated by commas, got {text!r}") from None
 
 
+def conversation(history: list[dict[str, Any]] | None) -> list[dict[str, str]]:
+    """A Chatbot's history as plain ``{"role", "content"}`` turns (Gradio hands content over as a list of parts)."""
+    turns = []
+    for message in history or []:
+        content = message.get("content")
+        if isinstance(content, list):
+            content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+        elif isinstance(content, dict):
+            content = content.get("text", "")
+        turns.append({"role": message.get("role"), "content": content if isinstance(content, str) else ""})
+    return turns
+
+
+def _loss_frame(points: list[tuple[int, float]]) -> pd.DataFrame:
+    return pd.DataFrame(points, columns=["step", "loss"])
+
+
 def _card_markdown(card: dict[str, Any]) -> str:
     targets = card["target_modules"]
     rows = [
@@ -105,10 +123,25 @@ def _card_markdown(card: dict[str, Any]) -> str:
     return f"### {card['name']}\n\n| field | value |\n|---|---|\n{table}{note}"
 
 
-def build_demo(engine: AdapterEngine, concurrency: int = 8) -> gr.Blocks:
+TRAIN_HELP = (
+    "Train a new adapter on `{base}` from your own rows: JSON Lines or CSV with `prompt` and `completion` columns, "
+    "or JSON Lines with `messages`. At most {rows} rows, {steps} steps and {minutes:g} minutes; one training at a "
+    "time, and chatting goes on meanwhile. The adapter joins the others (chat, compare, merge, export, push) when "
+    "it has finished."
+)
+EXAMPLE_ROWS = (
+    '{"prompt": "Greet me like a pirate.", "completion": "Arr, matey! Ahoy to ye.\\n— Captain Lora"}\n'
+    '{"prompt": "Say good night like a pirate.", "completion": "Arr, matey! Sleep well on the waves.\\n— Captain Lora"}'
+)
+
+
+def build_demo(engine: AdapterEngine, concurrency: int = 8, training: AdapterTraining | None = None) -> gr.Blocks:
     """The Space's UI over ``engine``; each request carries its own adapter choice (component values are
-    per session), so users never switch adapters for each other."""
+    per session), so users never switch adapters for each other. ``training``: the Train tab's runner (default:
+    one with the default limits)."""
     cap = engine.limits.max_new_tokens
+    training = training or AdapterTraining(engine)
+    tl = training.limits
 
     def adapter_choices(with_base: bool = True) -> list[tuple[str, str]]:
         return ([(BASE_LABEL, BASE)] if with_base else []) + [(n, n) for n in engine.names()]
@@ -143,20 +176,25 @@ def build_demo(engine: AdapterEngine, concurrency: int = 8) -> gr.Blocks:
         with gr.Tabs():
             with gr.Tab("Chat"):
                 adapter = gr.Dropdown(adapter_choices(), value=BASE, label="Adapter", allow_custom_value=True)
-                prompt = gr.Textbox(label="Prompt", lines=3, elem_id="prompt")
-                go = gr.Button("Generate", variant="primary", elem_id="generate")
-                output = gr.Textbox(label="Output", lines=8, elem_id="output", interactive=False)
+                chatbot = gr.Chatbot(label="Conversation", elem_id="chat", height=360)
+                message = gr.Textbox(label="Message", lines=2, elem_id="message", placeholder="Type and press Send")
+                with gr.Row():
+                    send = gr.Button("Send", variant="primary", elem_id="send")
+                    retry = gr.Button("Retry the last answer", elem_id="retry")
+                    clear = gr.Button("Clear", elem_id="clear")
             with gr.Tab("Compare"):
                 with gr.Row():
                     left = gr.Dropdown(adapter_choices(), value=BASE, label="Left", allow_custom_value=True)
                     right = gr.Dropdown(
                         adapter_choices(), value=first_adapter() or BASE, label="Right", allow_custom_value=True
                     )
-                compare_prompt = gr.Textbox(label="Prompt for both", lines=2)
-                compare_go = gr.Button("Compare", variant="primary")
                 with gr.Row():
-                    left_out = gr.Textbox(label="Left output", lines=8, interactive=False)
-                    right_out = gr.Textbox(label="Right output", lines=8, interactive=False)
+                    left_chat = gr.Chatbot(label="Left", elem_id="left-chat", height=320)
+                    right_chat = gr.Chatbot(label="Right", elem_id="right-chat", height=320)
+                compare_message = gr.Textbox(label="Message to both", lines=2, elem_id="compare-message")
+                with gr.Row():
+                    compare_go = gr.Button("Send to both", variant="primary", elem_id="compare-send")
+                    compare_clear = gr.Button("Clear both")
             with gr.Tab("Adapter card"):
                 card_pick = gr.Dropdown(
                     adapter_choices(False), value=first_adapter(), label="Adapter to inspect", allow_custom_value=True
@@ -181,6 +219,26 @@ def build_demo(engine: AdapterEngine, concurrency: int = 8) -> gr.Blocks:
                 try_out = gr.Textbox(
                     label="Output of the merged adapter", lines=6, interactive=False, elem_id="try-output"
                 )
+            with gr.Tab("Train"):
+                gr.Markdown(TRAIN_HELP.format(base=engine.base_name, rows=tl.max_rows, steps=tl.max_steps,
+                                              minutes=tl.max_seconds / 60))  # fmt: skip
+                with gr.Row():
+                    rows_text = gr.Textbox(label="Rows (JSON Lines or CSV)", lines=8, elem_id="train-rows",
+                                           placeholder=EXAMPLE_ROWS)  # fmt: skip
+                    rows_file = gr.File(label="...or upload a .jsonl or .csv file", file_types=[".jsonl", ".json", ".csv"],
+                                        elem_id="train-file")  # fmt: skip
+                with gr.Row():
+                    train_name = gr.Textbox("my-adapter", label="Adapter name", elem_id="train-name")
+                    rank = gr.Slider(1, tl.max_rank, value=min(16, tl.max_rank), step=1, label="Rank r")
+                    steps = gr.Slider(1, tl.max_steps, value=min(30, tl.max_steps), step=1, label="Steps",
+                                      elem_id="train-steps")  # fmt: skip
+                    learning_rate = gr.Number(1e-3, label="Learning rate", minimum=0)
+                with gr.Row():
+                    train_go = gr.Button("Train", variant="primary", elem_id="train")
+                    cancel_go = gr.Button("Cancel the training", variant="stop", elem_id="cancel-training")
+                train_status = gr.Textbox(label="Training", interactive=False, elem_id="train-status")
+                train_plot = gr.LinePlot(x="step", y="loss", label="Training loss (live)", height=260,
+                                         elem_id="train-plot")  # fmt: skip
             with gr.Tab("Export & add"):
                 export_pick = gr.Dropdown(
                     adapter_choices(False), value=first_adapter(), label="Adapter to export, push or delete",
@@ -229,20 +287,68 @@ def build_demo(engine: AdapterEngine, concurrency: int = 8) -> gr.Blocks:
         @gpu_task
         @_user_errors
         def generate(
-            adapter: str, prompt: str, max_new_tokens: float, do_sample: bool, temperature: float, top_p: float,
-            top_k: float, chat_template: bool,
+            adapter: str, prompt: str, max_new_tokens: float = 128, do_sample: bool = False, temperature: float = 0.7,
+            top_p: float = 0.95, top_k: float = 50, chat_template: bool = True,
         ) -> Iterator[str]:  # fmt: skip
+            """One prompt, no history: the answer so far after each new piece."""
             s = sampling(max_new_tokens, do_sample, temperature, top_p, top_k, chat_template)
             yield from engine.stream(adapter, prompt, s)
 
         @gpu_task
         @_user_errors
         def compare(
-            left: str, right: str, prompt: str, max_new_tokens: float, do_sample: bool, temperature: float,
-            top_p: float, top_k: float, chat_template: bool,
+            left: str, right: str, prompt: str, max_new_tokens: float = 128, do_sample: bool = False,
+            temperature: float = 0.7, top_p: float = 0.95, top_k: float = 50, chat_template: bool = True,
         ) -> Iterator[tuple[str, str]]:  # fmt: skip
+            """One prompt to two adapters at once: (left answer, right answer) so far."""
             s = sampling(max_new_tokens, do_sample, temperature, top_p, top_k, chat_template)
             yield from engine.compare(left, right, prompt, s)
+
+        def answer(adapter: str, turns: list[dict[str, str]], s: Sampling) -> Iterator[list[dict[str, str]]]:
+            for text in engine.stream(adapter, turns, s):
+                yield [*turns, {"role": "assistant", "content": text}]
+
+        @gpu_task
+        @_user_errors
+        def chat(
+            adapter: str, text: str, history: list, max_new_tokens: float, do_sample: bool, temperature: float,
+            top_p: float, top_k: float, chat_template: bool,
+        ) -> Iterator[tuple[list, str]]:  # fmt: skip
+            """The conversation so far plus ``text``, answered by ``adapter``: (conversation, cleared message box)."""
+            turns = [*conversation(history), {"role": "user", "content": text}]
+            s = sampling(max_new_tokens, do_sample, temperature, top_p, top_k, chat_template)
+            for updated in answer(adapter, turns, s):
+                yield updated, ""
+
+        @gpu_task
+        @_user_errors
+        def retry_last(
+            adapter: str, history: list, max_new_tokens: float, do_sample: bool, temperature: float, top_p: float,
+            top_k: float, chat_template: bool,
+        ) -> Iterator[list]:  # fmt: skip
+            """The last answer again (a new one when sampling)."""
+            turns = conversation(history)
+            while turns and turns[-1]["role"] == "assistant":
+                turns.pop()
+            if not turns:
+                raise ValueError("Nothing to retry yet: send a message first")
+            yield from answer(
+                adapter, turns, sampling(max_new_tokens, do_sample, temperature, top_p, top_k, chat_template)
+            )
+
+        @gpu_task
+        @_user_errors
+        def compare_chat(
+            left: str, right: str, text: str, left_history: list, right_history: list, max_new_tokens: float,
+            do_sample: bool, temperature: float, top_p: float, top_k: float, chat_template: bool,
+        ) -> Iterator[tuple[list, list, str]]:  # fmt: skip
+            """The same message to both sides; each side continues its own conversation."""
+            user = {"role": "user", "content": text}
+            turns = [[*conversation(left_history), user], [*conversation(right_history), user]]
+            s = sampling(max_new_tokens, do_sample, temperature, top_p, top_k, chat_template)
+            for a, b in engine.compare(left, right, turns[0], s, right_prompt=turns[1]):
+                yield ([*turns[0], {"role": "assistant", "content": a}],
+                       [*turns[1], {"role": "assistant", "content": b}], "")  # fmt: skip
 
         @_user_errors
         def show_card(adapter: str | None) -> tuple[str, pd.DataFrame]:
@@ -261,11 +367,31 @@ def build_demo(engine: AdapterEngine, concurrency: int = 8) -> gr.Blocks:
             rank = int(svd_rank or 0) or None
             created = engine.merge(adapters or [], _weights(weights), name.strip(), combination_type, rank, density)
             status = f"Created {created!r}; Chat now uses it."
-            yield status, "", *refreshed(created), [*added, created], ""  # Chat's old answer is not the new adapter's
+            yield (
+                status,
+                "",
+                *refreshed(created),
+                [*added, created],
+                [],
+            )  # Chat's old answers are not the new adapter's
             if prompt.strip():
                 s = sampling(max_new_tokens, do_sample, temperature, top_p, top_k, chat_template)
                 for piece in engine.stream(created, prompt, s):
                     yield status, piece, *[gr.skip()] * (len(lists) + 2)
+
+        @_user_errors
+        def train(
+            rows: str, upload: str | None, name: str, rank: float, steps: float, learning_rate: float, added: list[str]
+        ) -> Iterator[tuple]:  # fmt: skip
+            """Start a training and stream its status and loss curve; when it is done, every list shows it."""
+            settings = TrainSettings((name or "").strip(), int(rank), int(steps), float(learning_rate or 0))
+            run = training.start(read_rows(rows, upload, tl), settings)
+            keep = [gr.skip()] * (len(lists) + 1)
+            while not run.finished.wait(0.5):
+                yield run.summary(), _loss_frame(run.losses), *keep
+            done = run.status == "done"
+            yield (run.summary(), _loss_frame(run.losses),
+                   *(refreshed(run.name) + [[*added, run.name]] if done else keep))  # fmt: skip
 
         @_user_errors
         def add_from_hub(repo: str, name: str, added: list[str]) -> list[Any]:
@@ -301,13 +427,21 @@ def build_demo(engine: AdapterEngine, concurrency: int = 8) -> gr.Blocks:
             token = (token or "").strip() or (oauth_token.token if oauth_token is not None else "")
             return f"Pushed {adapter!r} to {engine.push(adapter, repo_id, token, private)}"
 
-        go.click(generate, [adapter, prompt, *settings], output, api_name="generate")
-        prompt.submit(generate, [adapter, prompt, *settings], output, api_visibility="private")
-        compare_go.click(compare, [left, right, compare_prompt, *settings], [left_out, right_out], api_name="compare")
+        gr.api(generate, api_name="generate")
+        gr.api(compare, api_name="compare")
+        gr.on([send.click, message.submit], chat, [adapter, message, chatbot, *settings], [chatbot, message],
+              api_name="chat")  # fmt: skip
+        retry.click(retry_last, [adapter, chatbot, *settings], chatbot, api_name="retry")
+        clear.click(lambda: ([], ""), None, [chatbot, message], api_visibility="private")
+        gr.on([compare_go.click, compare_message.submit], compare_chat,
+              [left, right, compare_message, left_chat, right_chat, *settings], [left_chat, right_chat, compare_message],
+              api_name="compare_chat")  # fmt: skip
+        compare_clear.click(lambda: ([], [], ""), None, [left_chat, right_chat, compare_message],
+                            api_visibility="private")  # fmt: skip
         card_pick.change(show_card, card_pick, [card_md, loss_plot], api_name="card")
         merge_go.click(
             merge, [merge_pick, weights, combination, svd_rank, density, merged_name, try_prompt, *settings, mine],
-            [merge_status, try_out, *lists, mine, output], api_name="merge",
+            [merge_status, try_out, *lists, mine, chatbot], api_name="merge",
         )  # fmt: skip
         combination.change(lambda kind: f"`{kind}`: {MERGE_HELP.get(kind, '')}", combination, merge_help,
                            api_visibility="private")  # fmt: skip
@@ -315,6 +449,9 @@ def build_demo(engine: AdapterEngine, concurrency: int = 8) -> gr.Blocks:
         merged_go.click(export_merged, export_pick, download, api_name="export_merged")
         delete_go.click(delete, [export_pick, mine], [status, *lists, mine], api_name="delete_adapter")
         push_go.click(push, [export_pick, push_repo, push_token, push_private], status, api_name="push")
+        train_go.click(train, [rows_text, rows_file, train_name, rank, steps, learning_rate, mine],
+                       [train_status, train_plot, *lists, mine], api_name="train", show_progress="minimal")  # fmt: skip
+        cancel_go.click(lambda: training.cancel(), None, train_status, api_name="cancel_training")
         hub_go.click(add_from_hub, [hub_repo, new_name, mine], [status, *lists, mine], api_name="add_from_hub")
         upload_go.click(add_zip, [upload, new_name, mine], [status, *lists, mine], api_name="add_zip")
         demo.load(lambda name: [*refreshed(), *show_card(name)], card_pick, [*lists, card_md, loss_plot],

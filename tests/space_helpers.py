@@ -76,8 +76,9 @@ def adapter_paths(root: Path) -> dict[str, Path]:
     return {"pirate": root / "pirate", "poet": root / "poet-run" / "poet"}
 
 
-def encode(tokenizer, prompt: str) -> dict[str, torch.Tensor]:
-    messages = [{"role": "user", "content": prompt}]
+def encode(tokenizer, prompt: str | list[dict[str, str]]) -> dict[str, torch.Tensor]:
+    """A prompt (one user turn) or a conversation, through the tokenizer's chat template, ready to answer."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, return_tensors="pt")
 
 
@@ -90,7 +91,13 @@ def oracle_model(root: Path) -> tuple[PeftModel, object]:
     return peft_model, tokenizer
 
 
-def greedy(model: PeftModel, tokenizer, adapter: str, prompt: str = PROMPT, new_tokens: int = NEW_TOKENS) -> str:
+def greedy(
+    model: PeftModel,
+    tokenizer,
+    adapter: str,
+    prompt: str | list[dict[str, str]] = PROMPT,
+    new_tokens: int = NEW_TOKENS,
+) -> str:
     """Greedy text of ``adapter`` ("__base__" = adapters disabled), decoded like the Space's streamer."""
     inputs = encode(tokenizer, prompt)
     with torch.no_grad():

@@ -15,8 +15,19 @@ import torch
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
+from peft_trainer_space.ui import conversation
 from tests import processes, space_helpers
-from tests.space_helpers import BASE, NEW_TOKENS, PROMPT, adapter_paths, encode, make_zip, save_adapter, zip_adapter
+from tests.space_helpers import (
+    BASE,
+    NEW_TOKENS,
+    PROMPT,
+    adapter_paths,
+    encode,
+    greedy,
+    make_zip,
+    save_adapter,
+    zip_adapter,
+)
 
 space_cache, adapter_dir, oracle = space_helpers.space_cache, space_helpers.adapter_dir, space_helpers.oracle
 CAP = 16
@@ -50,8 +61,9 @@ def gen(adapter: str, prompt: str = PROMPT, tokens: int = NEW_TOKENS) -> tuple:
 
 def test_named_endpoints(client: Client) -> None:
     named = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    assert set(named) == {"/generate", "/compare", "/card", "/merge", "/export_adapter", "/export_merged",
-                          "/delete_adapter", "/push", "/add_from_hub", "/add_zip"}  # fmt: skip
+    assert set(named) == {"/generate", "/compare", "/chat", "/retry", "/compare_chat", "/card", "/merge",
+                          "/export_adapter", "/export_merged", "/delete_adapter", "/push", "/train", "/cancel_training",
+                          "/add_from_hub", "/add_zip"}  # fmt: skip
     params = [p["parameter_name"] for p in named["/generate"]["parameters"]]
     assert params == ["adapter", "prompt", "max_new_tokens", "do_sample", "temperature", "top_p", "top_k",
                       "chat_template"]  # fmt: skip
@@ -97,9 +109,34 @@ def test_eight_concurrent_requests_with_mixed_adapters(client: Client, app, orac
 
 def test_compare_side_by_side(client: Client, oracle: dict[str, str]) -> None:
     args = gen("__base__")[2:]
-    assert client.predict("__base__", "pirate", PROMPT, *args, api_name="/compare") == (oracle["__base__"],
-                                                                                         oracle["pirate"])  # fmt: skip
-    assert client.predict("poet", "pirate", PROMPT, *args, api_name="/compare") == (oracle["poet"], oracle["pirate"])
+    assert client.predict("__base__", "pirate", PROMPT, *args, api_name="/compare") == [oracle["__base__"],
+                                                                                         oracle["pirate"]]  # fmt: skip
+    assert client.predict("poet", "pirate", PROMPT, *args, api_name="/compare") == [oracle["poet"], oracle["pirate"]]
+
+
+def _turn(role: str, content: str) -> dict[str, str]:
+    return {"role": role, "content": content.strip()}  # the Chatbot shows (and sends back) answers stripped
+
+
+def test_chat_is_a_conversation_through_the_chat_template(client: Client, adapter_dir: Path, oracle) -> None:
+    settings = gen("pirate")[2:]
+    first, box = client.predict("pirate", PROMPT, [], *settings, api_name="/chat")
+    assert box == "" and conversation(first) == [_turn("user", PROMPT), _turn("assistant", oracle["pirate"])]
+    second, _ = client.predict("pirate", "And then?", first, *settings, api_name="/chat")
+    model, tokenizer = space_helpers.oracle_model(adapter_dir)
+    asked = [*conversation(first), _turn("user", "And then?")]
+    assert conversation(second) == [*asked, _turn("assistant", greedy(model, tokenizer, "pirate", asked))]
+    assert conversation(client.predict("pirate", second, *settings, api_name="/retry")) == conversation(second)
+    with pytest.raises(AppError, match="Nothing to retry"):
+        client.predict("pirate", [], *settings, api_name="/retry")
+
+    # Compare: one message to both sides, each continuing its own conversation.
+    left, right, _ = client.predict("poet", "pirate", PROMPT, [], [], *settings, api_name="/compare_chat")
+    left, right, _ = client.predict("poet", "pirate", "And then?", left, right, *settings, api_name="/compare_chat")
+    for name, side in (("poet", left), ("pirate", right)):
+        turns = conversation(side)
+        assert turns[1] == _turn("assistant", oracle[name]) and turns[2] == _turn("user", "And then?")
+        assert turns[3] == _turn("assistant", greedy(model, tokenizer, name, turns[:3])), name
 
 
 def test_adapter_card_and_loss_curve(client: Client) -> None:
@@ -116,7 +153,7 @@ def test_merge_then_try_at_once(client: Client, oracle: dict[str, str]) -> None:
                         api_name="/merge")  # fmt: skip
     status, tried, *_ = job.result()
     assert "Created 'both'" in status and tried == oracle["both"]
-    assert job.outputs()[0][-1] == ""  # Chat switched to 'both': the previous adapter's answer is cleared
+    assert job.outputs()[0][-1] == []  # Chat switched to 'both': the previous adapter's conversation is cleared
     assert client.predict(*gen("both"), api_name="/generate") == oracle["both"]
     with pytest.raises(AppError, match="already exists"):
         client.predict(["pirate", "poet"], "", "svd", 0, 0.5, "both", "", *gen("")[2:], api_name="/merge")

@@ -63,7 +63,15 @@ def test_zero_gpu_runs_gpu_work_in_spaces_gpu_calls_and_decodes_without_the_batc
         from peft_trainer_space.ui import build_demo
 
         build_demo(engine)
-        assert sorted(wrapped) == ["compare", "export_merged", "generate", "merge"]
+        assert sorted(wrapped) == [
+            "chat",
+            "compare",
+            "compare_chat",
+            "export_merged",
+            "generate",
+            "merge",
+            "retry_last",
+        ]
         assert list(engine.stream("__base__", PROMPT, Sampling(4)))  # decodes in its own generate()
     finally:
         engine.close()
