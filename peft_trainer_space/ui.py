@@ -101,7 +101,10 @@ def conversation(history: list[dict[str, Any]] | None) -> list[dict[str, str]]:
 
 
 def _loss_frame(points: list[tuple[int, float]]) -> pd.DataFrame:
-    return pd.DataFrame(points, columns=["step", "loss"])
+    """(step, loss) points as the LinePlots take them; numeric even when empty (an empty frame of object columns
+    would make the plot's axes categorical for the rest of the stream)."""
+    return pd.DataFrame({"step": pd.Series([p[0] for p in points], dtype="int64"),
+                         "loss": pd.Series([p[1] for p in points], dtype="float64")})  # fmt: skip
 
 
 def _card_markdown(card: dict[str, Any]) -> str:
@@ -353,9 +356,9 @@ def build_demo(engine: AdapterEngine, concurrency: int = 8, training: AdapterTra
         @_user_errors
         def show_card(adapter: str | None) -> tuple[str, pd.DataFrame]:
             if not adapter:
-                return "No adapter loaded.", pd.DataFrame({"step": [], "loss": []})
+                return "No adapter loaded.", _loss_frame([])
             card = engine.card(adapter)
-            return _card_markdown(card), pd.DataFrame(card["loss"], columns=["step", "loss"])
+            return _card_markdown(card), _loss_frame(card["loss"])
 
         @gpu_task
         @_user_errors

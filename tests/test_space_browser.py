@@ -1,18 +1,24 @@
-"""The Space in real headless Chromium (Debian's, driven by Playwright): pick an adapter, generate, merge, screenshot."""
+"""The Space in real headless Chromium (Debian's, driven by Playwright): chat, merge, train an adapter, screenshots."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+from gradio_client import Client
 from playwright.sync_api import Page, expect, sync_playwright
 
+from peft_trainer import PeftModel
+from peft_trainer.models import load_model
 from tests import processes, space_helpers
-from tests.space_helpers import BASE, NEW_TOKENS, PROMPT, adapter_paths
+from tests.space_helpers import BASE, NEW_TOKENS, PROMPT, adapter_paths, greedy
 
 WAIT_MS = int(processes.HANG_S * 1000)  # a hang, not slowness: see tests/processes.py
 
@@ -62,7 +68,7 @@ def page(app_url: str, tmp_path: Path) -> Iterator[Page]:
             page.route("**/*", guard)
             page.on("pageerror", lambda e: page.errors.append(str(e)))  # type: ignore[attr-defined]
             page.goto(app_url)
-            expect(page.locator("#generate")).to_be_visible(timeout=WAIT_MS)
+            expect(page.locator("#send")).to_be_visible(timeout=WAIT_MS)
             yield page
         finally:
             browser.close()
@@ -82,13 +88,24 @@ def screenshot_path(tmp_path: Path, name: str) -> Path:
     return folder / name
 
 
-def test_pick_adapter_generate_and_merge(page: Page, oracle: dict[str, str], tmp_path: Path) -> None:
+def send(page: Page, text: str, answers: int) -> None:
+    """Type ``text`` in Chat and wait until the conversation shows ``answers`` answers and the box is empty."""
+    page.locator("#message textarea").fill(text)
+    page.locator("#send").click()
+    expect(page.locator("#chat .bot")).to_have_count(answers, timeout=WAIT_MS)
+    expect(page.locator("#message textarea")).to_have_value("", timeout=WAIT_MS)
+
+
+def answer(page: Page, index: int) -> str:
+    return page.locator("#chat .bot").nth(index).inner_text().strip()
+
+
+def test_pick_adapter_chat_and_merge(page: Page, oracle: dict[str, str], tmp_path: Path) -> None:
     # MAX_NEW_TOKENS caps the slider, whose default is then NEW_TOKENS: the oracle's greedy length
     pick(page, "Adapter", "pirate")
     expect(page.get_by_role("combobox", name="Adapter", exact=True)).to_have_value("pirate")
-    page.locator("#prompt textarea").fill(PROMPT)
-    page.locator("#generate").click()
-    expect(page.locator("#output textarea")).to_have_value(oracle["pirate"], timeout=WAIT_MS)
+    send(page, PROMPT, 1)
+    expect(page.locator("#chat .bot").first).to_have_text(oracle["pirate"].strip(), timeout=WAIT_MS)
     page.screenshot(path=screenshot_path(tmp_path, "space_chat.png"), full_page=True)
 
     page.get_by_role("tab", name="Merge").click()
@@ -103,8 +120,44 @@ def test_pick_adapter_generate_and_merge(page: Page, oracle: dict[str, str], tmp
 
     page.get_by_role("tab", name="Chat").click()
     expect(page.get_by_role("combobox", name="Adapter", exact=True)).to_have_value("both")
-    page.locator("#generate").click()
-    expect(page.locator("#output textarea")).to_have_value(oracle["both"], timeout=WAIT_MS)
+    expect(page.locator("#chat .bot")).to_have_count(0)  # the old adapter's conversation was cleared
+    send(page, PROMPT, 1)
+    expect(page.locator("#chat .bot").first).to_have_text(oracle["both"].strip(), timeout=WAIT_MS)
+    assert page.blocked == [] and page.errors == []  # type: ignore[attr-defined]
+
+
+def test_upload_rows_train_see_the_curve_and_chat_two_turns(page: Page, app_url: str, tmp_path: Path) -> None:
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"Greet sailor {i}.", "completion": f"Arr, matey {i}!"}) + "\n"
+                            for i in range(16)))  # fmt: skip
+    page.get_by_role("tab", name="Train").click()
+    page.locator("#train-file input[type=file]").set_input_files(str(rows))
+    page.locator("#train-name textarea").fill("sailor")
+    page.locator("#train-steps input[type=number]").fill("8")
+    page.locator("#train-steps input[type=number]").press("Enter")
+    page.locator("#train").click()
+    expect(page.locator("#train-status textarea")).to_have_value(
+        re.compile(r"^sailor: done, step 8/8"), timeout=WAIT_MS
+    )
+    expect(page.locator("#train-plot canvas, #train-plot svg").first).to_be_visible(timeout=WAIT_MS)
+    page.screenshot(path=screenshot_path(tmp_path, "space_train.png"), full_page=True)
+
+    page.get_by_role("tab", name="Chat").click()
+    expect(page.get_by_role("combobox", name="Adapter", exact=True)).to_have_value("sailor")  # selected at once
+    send(page, PROMPT, 1)
+    send(page, "And then?", 2)
+    page.screenshot(path=screenshot_path(tmp_path, "space_train_chat.png"), full_page=True)
+
+    # The oracle: the trained adapter, exported from the Space, loaded on its own, on the same conversation.
+    exported = Client(app_url, analytics_enabled=False, verbose=False).predict("sailor", api_name="/export_adapter")
+    with zipfile.ZipFile(exported) as zf:
+        zf.extractall(tmp_path / "exported")
+    model = PeftModel.from_pretrained(load_model(BASE)[0], tmp_path / "exported" / "sailor", adapter_name="sailor")
+    tokenizer = load_model(BASE)[1]
+    first = greedy(model, tokenizer, "sailor", PROMPT).strip()
+    asked = [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": first},
+             {"role": "user", "content": "And then?"}]  # fmt: skip
+    assert [answer(page, 0), answer(page, 1)] == [first, greedy(model, tokenizer, "sailor", asked).strip()]
     assert page.blocked == [] and page.errors == []  # type: ignore[attr-defined]
 
 

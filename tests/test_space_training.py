@@ -131,3 +131,14 @@ def test_thirty_pirate_rows_thirty_steps_on_smollm2_pass_the_pirate_check(embedd
     print(f"\nSpace training: 30 rows, 30 steps in {took:.0f} s, final loss {run.losses[-1][1]:.3f}, "
           f"pirate check {score.passed}/{score.total}")  # fmt: skip
     assert score.score >= 0.9, score.samples
+
+
+def test_loss_curves_are_numeric_from_the_first_empty_frame() -> None:
+    """The live curve starts empty; an empty frame of object columns would turn its axes categorical for good."""
+    import gradio as gr
+
+    from peft_trainer_space.ui import _loss_frame
+
+    plot = gr.LinePlot(x="step", y="loss")
+    for points in ([], [(1, 2.5), (2, 2.25)]):
+        assert plot.postprocess(_loss_frame(points)).datatypes == {"step": "quantitative", "loss": "quantitative"}
