@@ -370,13 +370,8 @@ def build_demo(engine: AdapterEngine, concurrency: int = 8, training: AdapterTra
             rank = int(svd_rank or 0) or None
             created = engine.merge(adapters or [], _weights(weights), name.strip(), combination_type, rank, density)
             status = f"Created {created!r}; Chat now uses it."
-            yield (
-                status,
-                "",
-                *refreshed(created),
-                [*added, created],
-                [],
-            )  # Chat's old answers are not the new adapter's
+            # Chat switches to the new adapter: its conversation so far was another adapter's, so it is cleared
+            yield status, "", *refreshed(created), [*added, created], []
             if prompt.strip():
                 s = sampling(max_new_tokens, do_sample, temperature, top_p, top_k, chat_template)
                 for piece in engine.stream(created, prompt, s):
