@@ -133,8 +133,8 @@ def cmd_push(args: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog=f"{PROG} push",
         description=(
-            "Upload an existing output folder to the Hub: adapter files, README.md model card and tokenizer files "
-            "only (no base weights, checkpoints, optimizer state or training_args.bin). The local folder is never "
+            "Upload an existing output folder to the Hub: adapter files, README.md model card, tokenizer files, "
+            "trainer_state.json and TensorBoard runs/ only (no base weights, checkpoints, optimizer state or training_args.bin). The local folder is never "
             "modified; on failure the cause is printed and the exit code is 1."
         ),
     )

@@ -29,6 +29,7 @@ ALLOW_PATTERNS = [
     *[f"*/{f}" for f in ADAPTER_FILES],
     *TOKENIZER_FILES,
     "trainer_state.json",
+    "runs/*",  # TensorBoard logs (report_to="tensorboard"): the Hub's metrics tab reads them
 ]
 IGNORE_PATTERNS = ["_*", f"{PREFIX_CHECKPOINT_DIR}-*", f"{STAGING_PREFIX}*"]
 

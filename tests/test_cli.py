@@ -409,12 +409,16 @@ def test_push_uploads_only_adapter_card_and_tokenizer_files(trained: Path, tmp_p
     from huggingface_hub import HfApi
 
     folder = _with_junk(trained, tmp_path)
+    events = folder / "runs" / "Dec07_10-00-00_host" / "events.out.tfevents.1.host"
+    events.parent.mkdir(parents=True)
+    events.write_bytes(b"tensorboard events")
     before = _tree_digest(folder)
     assert main(["push", str(folder), "--repo-id", "tiny-adapter", "--private"]) == 0
     repo = f"{hub_server.user}/tiny-adapter"
     uploaded = set(HfApi().list_repo_files(repo)) - {".gitattributes"}
     assert uploaded == set(files_to_push(folder))
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "tokenizer.json"} <= uploaded
+    assert "runs/Dec07_10-00-00_host/events.out.tfevents.1.host" in uploaded  # the Hub's metrics tab reads these
     assert not uploaded & {
         "model.safetensors",
         "training_args.bin",
