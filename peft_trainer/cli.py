@@ -134,8 +134,9 @@ def cmd_push(args: Sequence[str]) -> int:
         prog=f"{PROG} push",
         description=(
             "Upload an existing output folder to the Hub: adapter files, README.md model card, tokenizer files, "
-            "trainer_state.json and TensorBoard runs/ only (no base weights, checkpoints, optimizer state or training_args.bin). The local folder is never "
-            "modified; on failure the cause is printed and the exit code is 1."
+            "trainer_state.json and TensorBoard runs/ only (no base weights, checkpoints, optimizer state or "
+            "training_args.bin). The local folder is never modified; on failure the cause is printed and the exit "
+            "code is 1."
         ),
     )
     parser.add_argument("folders", nargs="+", metavar="folder", help="output folder(s) of training runs")
@@ -150,7 +151,8 @@ def cmd_push(args: Sequence[str]) -> int:
     opts = parser.parse_args(args)
     if opts.repo_id and len(opts.folders) > 1:
         parser.error("--repo-id takes one folder; for several, use --namespace (each goes to NAMESPACE/<folder name>)")
-    targets = {f: opts.repo_id or f"{opts.namespace.strip('/')}/{Path(f).resolve().name}" for f in opts.folders}
+    names = {f: Path(f).resolve().name for f in opts.folders}
+    targets = {f: opts.repo_id or f"{opts.namespace.strip('/')}/{name}" for f, name in names.items()}
     setup_logging()
     for folder, repo_id in targets.items():
         if opts.dry_run:
@@ -159,7 +161,7 @@ def cmd_push(args: Sequence[str]) -> int:
         commit = push_folder(folder, repo_id, opts.token, opts.private, opts.revision, opts.commit_message)
         print(f"{PROG}: pushed {folder} to {getattr(commit, 'commit_url', None) or repo_id}")
     if opts.namespace and not opts.dry_run:  # what a Space serving them needs (README: "Deploy the Space")
-        print("ADAPTERS=" + ",".join(f"{Path(f).resolve().name}={r}" for f, r in targets.items()))
+        print("ADAPTERS=" + ",".join(f"{names[f]}={r}" for f, r in targets.items()))
     return EXIT_OK
 
 

@@ -32,20 +32,25 @@ ACCELERATE = RECIPES_DIR / "accelerate"
 # sampler order does not matter). SGD keeps the update linear in the gradient: only float summation order differs.
 TOLERANCE = dict(rtol=1e-5, atol=1e-6)
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors"}
+ROWS = [{"prompt": f"What is {a} plus {a + 1}?", "completion": json.dumps({"topic": "math", "answer": str(2 * a + 1)})}
+        for a in range(8)]  # fmt: skip
+RECIPE = {
+    "model_name_or_path": "tiny-llama", "dataset": "train.jsonl", "max_length": 64, "lora_r": 4, "lora_alpha": 8,
+    "lora_dropout": 0.0, "optim": "sgd", "learning_rate": 0.5, "per_device_train_batch_size": 4, "max_steps": 3,
+    "logging_steps": 1, "save_strategy": "no", "report_to": "none", "disable_tqdm": True, "seed": 7,
+}  # fmt: skip
+
+
+def write_recipe(folder: Path) -> None:
+    """``train.jsonl`` (the 8 rows) and ``recipe.yaml`` in ``folder``: what every run here trains on."""
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    (folder / "recipe.yaml").write_text(yaml.safe_dump(RECIPE))
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     folder = tmp_path_factory.mktemp("dist")
-    rows = [{"prompt": f"What is {a} plus {a + 1}?", "completion": json.dumps({"topic": "math", "answer": str(2 * a + 1)})}
-            for a in range(8)]  # fmt: skip
-    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    recipe = {
-        "model_name_or_path": "tiny-llama", "dataset": "train.jsonl", "max_length": 64, "lora_r": 4, "lora_alpha": 8,
-        "lora_dropout": 0.0, "optim": "sgd", "learning_rate": 0.5, "per_device_train_batch_size": 4, "max_steps": 3,
-        "logging_steps": 1, "save_strategy": "no", "report_to": "none", "disable_tqdm": True, "seed": 7,
-    }  # fmt: skip
-    (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    write_recipe(folder)
     cache = tmp_path_factory.getbasetemp() / "peft_trainer_cache"  # the session's embedded-model cache
     env = {**os.environ, models.CACHE_ENV: str(cache), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     for name in (CPU_FSDP_ENV, "ACCELERATE_USE_CPU"):

@@ -10,7 +10,6 @@ half (SIGKILL after checkpoint-3) then the resume, and count the resume, the run
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -19,19 +18,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import yaml  # noqa: E402
 
 from peft_trainer import models  # noqa: E402
 from peft_trainer.distributed import CPU_FSDP_ENV  # noqa: E402
 from tests import processes  # noqa: E402
 from tests.space_helpers import free_port  # noqa: E402
-from tests.test_distributed import KILLED_CLI, ROOT, TRAINING, cpu_env, launcher  # noqa: E402
+from tests.test_distributed import KILLED_CLI, ROOT, TRAINING, cpu_env, launcher, write_recipe  # noqa: E402
 
-RECIPE = {
-    "model_name_or_path": "tiny-llama", "dataset": "train.jsonl", "max_length": 64, "lora_r": 4, "lora_alpha": 8,
-    "lora_dropout": 0.0, "optim": "sgd", "learning_rate": 0.5, "per_device_train_batch_size": 4, "max_steps": 3,
-    "logging_steps": 1, "save_strategy": "no", "report_to": "none", "disable_tqdm": True, "seed": 7,
-}  # fmt: skip
 CLI_KINDS = {"ddp-cli": "ddp.yaml", "fsdp2-cli": "fsdp2.yaml", "zero2-cli": "deepspeed-zero2.yaml",
              "zero3-cli": "deepspeed-zero3.yaml"}  # fmt: skip
 RESUME_KINDS = {"ddp-resume": "ddp.yaml", "fsdp2-resume": "fsdp2.yaml", "zero3-resume": "deepspeed-zero3.yaml"}
@@ -71,9 +64,7 @@ def main() -> None:
         parser.error(f"unknown kind(s) {sorted(unknown)}; choose from {', '.join(KINDS)}")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        rows = [{"prompt": f"What is {a} plus {a + 1}?", "completion": str(2 * a + 1)} for a in range(8)]
-        (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        (folder / "recipe.yaml").write_text(yaml.safe_dump(RECIPE))
+        write_recipe(folder)  # the recipe and rows the distributed tests train on
         env = {**os.environ, models.CACHE_ENV: str(folder / "cache"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
         for name in (CPU_FSDP_ENV, "ACCELERATE_USE_CPU"):
             env.pop(name, None)
