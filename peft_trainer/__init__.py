@@ -8,7 +8,15 @@ from typing import Any
 
 from .config import LoraConfig, PeftConfig
 from .lora import PeftModel, get_peft_model
-from .lora.model import inject_adapter_in_model
+from .lora.model import (
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
+    PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
+    inject_adapter_in_model,
+)
 from .utils import (
     PeftType,
     TaskType,
@@ -24,7 +32,9 @@ __all__ = [
     # PEFT's other LoRA names
     "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForSequenceClassification", "PeftConfig", "PeftType",
     "TaskType", "cast_mixed_precision_params", "get_layer_status", "get_model_status", "get_peft_model_state_dict",
-    "inject_adapter_in_model", "set_peft_model_state_dict",
+    "inject_adapter_in_model", "set_peft_model_state_dict", "PeftModelForCausalLM", "PeftModelForFeatureExtraction",
+    "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification",
 ]  # fmt: skip
 
 # Imported on first use: the Trainer stack is slow to import and the Space does not need it.

@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from transformers import TrainingArguments
 
 from . import distributed
@@ -133,6 +134,21 @@ class PeftTrainingArguments(TrainingArguments):
             "(training steps of Llama/Mistral/Qwen2/Qwen3 heads; others use the model's own loss)."
         },
     )
+    max_length: int = field(
+        default=512,
+        metadata={"help": "Rows longer than this many tokens are cut (packed rows are at most this long)."},
+    )
+    packing: bool = field(
+        default=False,
+        metadata={
+            "help": "Put several rows into each row of up to max_length tokens; positions restart at every row and "
+            "attention stays within it (as TRL's padding-free packing). Needs use_cache off (the default)."
+        },
+    )
+    completion_only_loss: bool = field(
+        default=True,
+        metadata={"help": "Learn only the assistant turns / completions (off: every token)."},
+    )
     base_model_name_or_path: str | None = field(
         default=None, metadata={"help": "Hub id of the base model for the model card (default: the base's own id)."}
     )
@@ -144,6 +160,8 @@ class PeftTrainingArguments(TrainingArguments):
     def __post_init__(self) -> None:
         if isinstance(self.lora_target_modules, (list, tuple)) and list(self.lora_target_modules) == ["all-linear"]:
             self.lora_target_modules = "all-linear"
+        if self.dataloader_pin_memory and (self.use_cpu or not torch.accelerator.is_available()):
+            self.dataloader_pin_memory = False  # nothing to pin for; torch warns at every DataLoader otherwise
         problems = self.lora_problems()
         try:
             super().__post_init__()
@@ -152,7 +170,7 @@ class PeftTrainingArguments(TrainingArguments):
         _raise_if(problems, "PeftTrainingArguments")
 
     def lora_problems(self) -> list[str]:
-        """Every invalid LoRA/quantization setting, each naming the field and the fix."""
+        """Every invalid LoRA, quantization or tokenizing setting, each naming the field and the fix."""
         p = []
         if not isinstance(self.lora_r, int) or isinstance(self.lora_r, bool) or self.lora_r <= 0:
             p.append(f"lora_r={self.lora_r!r}: use a positive integer rank (e.g. 8, 16, 64)")
@@ -196,6 +214,10 @@ class PeftTrainingArguments(TrainingArguments):
             p.append(f"bnb_4bit_quant_storage={self.bnb_4bit_quant_storage!r}: use uint8, {', '.join(_DTYPES)}")
         if self.lora_modules_to_save is not None and not all(isinstance(m, str) for m in self.lora_modules_to_save):
             p.append(f"lora_modules_to_save={self.lora_modules_to_save!r}: use a list of module names")
+        if not isinstance(self.max_length, int) or isinstance(self.max_length, bool) or self.max_length < 2:
+            p.append(f"max_length={self.max_length!r}: use a number of tokens of at least 2")
+        if self.packing and self.use_cache:
+            p.append("packing with use_cache=True: the model would attend across packed rows; leave use_cache off")
         return p
 
     def to_lora_config(self, task_type: str | None = None) -> LoraConfig:
@@ -257,11 +279,6 @@ class DataArguments:
     dataset_split: str = field(default="train", metadata={"help": "Split to train on."})
     eval_dataset: str | None = field(default=None, metadata={"help": "Separate evaluation data (file or Hub id)."})
     eval_ratio: float = field(default=0.0, metadata={"help": "Fraction of the training data held out for eval."})
-    max_length: int = field(default=512, metadata={"help": "Truncate (or pack) sequences to this many tokens."})
-    packing: bool = field(default=False, metadata={"help": "Concatenate examples into full max_length blocks."})
-    completion_only_loss: bool = field(
-        default=True, metadata={"help": "Mask prompt tokens so that only completions are learned."}
-    )
     text_column: str = field(default="text", metadata={"help": "Column with plain text."})
     prompt_column: str = field(default="prompt", metadata={"help": "Column with the prompt (prompt/completion)."})
     completion_column: str = field(default="completion", metadata={"help": "Column with the completion."})
@@ -273,6 +290,4 @@ class DataArguments:
             p.append(f"eval_ratio={self.eval_ratio!r}: use a fraction in [0, 1)")
         if self.eval_dataset and self.eval_ratio:
             p.append("eval_dataset and eval_ratio are both set: use one source of evaluation data")
-        if not isinstance(self.max_length, int) or self.max_length <= 0:
-            p.append(f"max_length={self.max_length!r}: use a positive number of tokens")
         _raise_if(p, "DataArguments")

@@ -193,6 +193,7 @@ class BehaviourCallback(TrainerCallback):
         self.trainer: Trainer | None = None
         self.before: BehaviourResult | None = None
         self.after: BehaviourResult | None = None
+        self._last: tuple[int, BehaviourResult] | None = None  # (global step, score) of the latest evaluation
 
     def bind(self, trainer: Trainer) -> BehaviourCallback:
         self.trainer = trainer
@@ -220,6 +221,7 @@ class BehaviourCallback(TrainerCallback):
         if self.trainer is None or not self.args.behaviour_during_training:
             return
         result = self.score(self.trainer.model, f"at step {state.global_step}")
+        self._last = (state.global_step, result)
         self.trainer.log({"eval_behaviour_score": result.score})
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -227,7 +229,14 @@ class BehaviourCallback(TrainerCallback):
         final push carries it)."""
         if self.trainer is None:
             return
-        self.after = self.score(self.trainer.model, "after training")
+        # An evaluation at the last step already scored these weights, unless the best checkpoint was loaded back
+        # or mixed precision scored them under training's autocast.
+        same_weights = not (args.load_best_model_at_end or args.bf16 or args.fp16)
+        if same_weights and self._last is not None and self._last[0] == state.global_step:
+            self.after = self._last[1]
+            logger.info("behaviour %r after training: the score at step %d", self.args.behaviour, state.global_step)
+        else:
+            self.after = self.score(self.trainer.model, "after training")
         if self.before is not None:
             self.trainer.card_sections[CARD_SECTION] = card_section(self.before, self.after)
             if args.should_save:

@@ -59,7 +59,13 @@ def train_help(full: bool = False) -> str:
         group = help_parser.add_argument_group(name)
         for dest in dests:
             for action in by_dest.get(dest, []):
+                if action.option_strings[0].startswith("--no_"):  # argparse gave it the positive flag's help
+                    action.help = f"Turn --{dest} off (it is on by default)."
                 group._add_action(action)
+    by_dest["resume_from_checkpoint"][0].help = (
+        "Resume from this checkpoint folder, or 'true' for the newest complete checkpoint in output_dir: adapters, "
+        "optimizer, scheduler, RNG states and data order, so the run continues exactly."
+    )
     return help_parser.format_help()
 
 
@@ -67,7 +73,7 @@ COMMON_TRAINING_FIELDS = (
     "output_dir", "num_train_epochs", "max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
     "gradient_accumulation_steps", "learning_rate", "weight_decay", "lr_scheduler_type", "warmup_steps",
     "logging_steps", "eval_strategy", "eval_steps", "save_strategy", "save_steps", "save_total_limit",
-    "load_best_model_at_end", "metric_for_best_model", "seed", "bf16", "fp16", "gradient_checkpointing",
+    "load_best_model_at_end", "metric_for_best_model", "seed", "bf16", "fp16", "activation_checkpointing",
     "optim", "report_to", "resume_from_checkpoint", "push_to_hub", "hub_model_id", "hub_strategy", "hub_token",
 )  # fmt: skip
 

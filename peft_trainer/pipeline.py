@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     import datasets
     from transformers import PreTrainedTokenizerBase
 
-    from .arguments import DataArguments
+    from .arguments import DataArguments, PeftTrainingArguments
 
 logger = logging.getLogger("peft_trainer.pipeline")
 PROG = "peft-trainer"
@@ -71,8 +71,11 @@ def _class_names(records: datasets.Dataset) -> list[str] | None:
     return names or None
 
 
-def prepare_data(data: DataArguments, tokenizer: PreTrainedTokenizerBase, task: str, seed: int) -> PreparedData:
-    """Load, check the format against the task, split off eval rows and tokenize; logs the counts (truncations too).
+def prepare_data(
+    data: DataArguments, training: PeftTrainingArguments, tokenizer: PreTrainedTokenizerBase, task: str
+) -> PreparedData:
+    """Load, check the format against the task, split off eval rows and tokenize (``max_length``, ``packing``,
+    ``completion_only_loss`` of the training arguments); logs the counts (truncations too).
 
     Errors name the file, row and column of the *file* (a split renumbers rows, so a failing split is re-checked
     on the whole file to report the file's row number).
@@ -91,7 +94,7 @@ def prepare_data(data: DataArguments, tokenizer: PreTrainedTokenizerBase, task: 
         raise ValueError(f"{source_of(records)}: task seq-cls needs 'text' and 'label' columns, found format {fmt!r}")
     names = _class_names(records) if fmt == "classification" else None
     options = dict(
-        fmt=fmt, max_length=data.max_length, completion_only_loss=data.completion_only_loss, label_names=names
+        fmt=fmt, max_length=training.max_length, completion_only_loss=training.completion_only_loss, label_names=names
     )
 
     def tokenize(part: datasets.Dataset, packing: bool, whole: datasets.Dataset) -> datasets.Dataset:
@@ -116,11 +119,11 @@ def prepare_data(data: DataArguments, tokenizer: PreTrainedTokenizerBase, task: 
         local = os.path.exists(os.path.expanduser(data.eval_dataset))
         eval_records = _load(data.eval_dataset, data, data.dataset_split if local else "validation")
     elif data.eval_ratio:
-        train_records, eval_records = train_eval_split(records, data.eval_ratio, seed=seed)
+        train_records, eval_records = train_eval_split(records, data.eval_ratio, seed=training.seed)
         logger.info(
             "eval split: %d of %d rows held out (eval_ratio=%s)", len(eval_records), len(records), data.eval_ratio
         )
-    train = tokenize(train_records, data.packing, records)
+    train = tokenize(train_records, training.packing, records)
     evaluation = tokenize(eval_records, False, records if data.eval_ratio else eval_records) if eval_records else None
     num_labels = len(names) if names else (max(train["label"]) + 1 if fmt == "classification" else None)
     return PreparedData(train, evaluation, fmt, names, num_labels)
@@ -181,7 +184,7 @@ def run_training(recipe: Recipe) -> TrainSummary:
     with _as_usage_error(f"model {recipe.model_name!r}: "):
         tokenizer = load_tokenizer(recipe.model_name, revision=m.revision)
     with _as_usage_error():
-        prepared = prepare_data(d, tokenizer, m.task, t.seed)
+        prepared = prepare_data(d, t, tokenizer, m.task)
         prompts = load_prompts(b.behaviour_prompts) if b.behaviour and b.behaviour_prompts else None
     num_labels = m.num_labels
     if m.task == "seq-cls" and prepared.num_labels and num_labels and prepared.num_labels > num_labels:
@@ -215,7 +218,8 @@ def run_training(recipe: Recipe) -> TrainSummary:
     if behaviour is not None:
         trainer.add_callback(behaviour)  # after the progress bar: scoring shows once the eval bar has closed
         behaviour.score_base()
-    result = trainer.train(resume_from_checkpoint=t.resume_from_checkpoint)
+    resume = t.resume_from_checkpoint
+    result = trainer.train(resume_from_checkpoint=True if str(resume).lower() == "true" else resume)
     if not t.push_to_hub:  # a push has already saved the folder it uploaded
         trainer.save_model()  # adapter(s), tokenizer, card; every rank takes part (FSDP gathers the adapter)
     before, after = (behaviour.before, behaviour.after) if behaviour else (None, None)

@@ -34,10 +34,11 @@ from transformers.utils.hub import PushInProgress, hf_api
 from . import card, hub, io
 from .arguments import PeftTrainingArguments
 from .config import LoraConfig, decomposes_base
+from .data.raw import is_raw, prepare_raw
 from .folders import ADAPTER_FILES, adapter_dir, missing_files, subfolder_of
 from .hub import STAGING_PREFIX
 from .lora.model import PeftModel, as_plain_lora, get_peft_model
-from .models import _HUB_ID
+from .models import _HUB_ID, load_tokenizer
 from .quantization import bitsandbytes_config, is_kbit, prepare_model_for_kbit_training
 
 logger = logging.getLogger(__name__)
@@ -160,6 +161,11 @@ class PeftTrainer(Trainer):
         if args.ddp_find_unused_parameters is None:
             args.ddp_find_unused_parameters = False  # every LoRA parameter gets a gradient in every step
         self._hub_id = model if isinstance(model, str) and _HUB_ID.match(model) and not os.path.isdir(model) else None
+        if processing_class is None and isinstance(model, str) and any(map(is_raw, (train_dataset, eval_dataset))):
+            processing_class = load_tokenizer(model)
+        train_dataset, eval_dataset, data_collator = prepare_raw(
+            args, processing_class, train_dataset, eval_dataset, data_collator
+        )
         model = self._build_model(model, args, lora_config)
         model.chunked_loss = getattr(args, "chunked_loss", True)
         if args.activation_checkpointing and getattr(model, "main_input_name", None) != "input_ids":

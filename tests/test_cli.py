@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -456,6 +457,21 @@ def test_behaviour_recipe_with_push_to_hub_pushes_once_with_the_score(tmp_path: 
     assert hub_server.commit_titles(repo)[:-1] == ["End of training"]  # one push (the last title: repo creation)
     card = hub_server.repo_files(repo)["README.md"].decode()
     assert "## Behaviour score" in card and card == (tmp_path / "out" / "README.md").read_text()
+
+
+def test_behaviour_scores_the_final_weights_once(tmp_path: Path, caplog) -> None:
+    """An evaluation at the last step scores the final weights; training's end reuses that score."""
+    _write_jsonl(tmp_path / "train.jsonl", _chat_rows(8))
+    prompts = _write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "What is 2 plus 1?"}, {"prompt": "Hi"}])
+    recipe = _recipe(tmp_path, max_steps=2, eval_ratio=0.25, eval_strategy="steps", eval_steps=2,
+                     behaviour="json_answer", behaviour_prompts=str(prompts), behaviour_max_new_tokens=4)  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="peft_trainer"):
+        assert main(["train", str(recipe)]) == 0
+    scorings = [r.getMessage() for r in caplog.records if "scoring 2 prompts" in r.getMessage()]
+    assert [m.rsplit("prompts ", 1)[1] for m in scorings] == ["before training (base model)", "at step 2"]
+    assert "after training: the score at step 2" in caplog.text
+    report = json.loads((tmp_path / "out" / "behaviour_eval.json").read_text())
+    assert report["after"]["total"] == 2
 
 
 def test_push_failure_names_the_cause_and_leaves_local_files_intact(trained: Path, tmp_path: Path, hub_server, capsys):

@@ -214,19 +214,55 @@ def test_truncation_counts_and_drops(tok: Any) -> None:
 def test_packing(tok: Any) -> None:
     texts = [f"Document number {i} says something {'long ' * i}." for i in range(12)]
     dataset = datasets.Dataset.from_dict({"text": texts})
-    flat, _ = tokenize_dataset(dataset, tok, max_length=512)
-    packed, stats = tokenize_dataset(dataset, tok, max_length=16, packing=True)
-    stream = [t for row in flat["input_ids"] for t in row]
-    assert stats.packed and stats.truncated == 0 and stats.examples == len(packed) == -(-len(stream) // 16)
-    assert all(len(r) == 16 for r in list(packed["input_ids"])[:-1])
-    assert [t for row in packed["input_ids"] for t in row] == stream  # nothing lost, order kept
-    assert stats.tokens == len(stream)
+    flat, _ = tokenize_dataset(dataset, tok, max_length=32)
+    packed, stats = tokenize_dataset(dataset, tok, max_length=32, packing=True)
+    rows = list(flat["input_ids"])
+    assert stats.packed and stats.examples == len(packed) < len(rows) and "attention_mask" not in packed.column_names
+    assert all(len(r) <= 32 for r in packed["input_ids"])
+    assert [t for row in packed["input_ids"] for t in row] == [t for row in rows for t in row]  # order kept
+    # Positions restart at each row, and no row learns its first token from the row before it.
+    starts = [i for block in packed["position_ids"] for i, p in enumerate(block) if p == 0]
+    assert len(starts) == len(rows)
+    assert all(block_labels[i] == IGNORE_INDEX for block_labels, block in zip(packed["labels"], packed["position_ids"])
+               for i, p in enumerate(block) if p == 0)  # fmt: skip
     # Completion-only masks survive packing.
-    pc, _ = tokenize_dataset(datasets.Dataset.from_list(PAIRS * 3), tok, max_length=32, packing=True)
+    pc, _ = tokenize_dataset(datasets.Dataset.from_list(PAIRS * 3), tok, max_length=64, packing=True)
     labels = [t for row in pc["labels"] for t in row]
     assert tok.decode([t for t in labels if t != IGNORE_INDEX]) == "".join(
         p["completion"] + "<|im_end|>" for p in PAIRS * 3
     )
+    # Rows longer than max_length are cut, as without packing.
+    long_rows = datasets.Dataset.from_dict({"text": ["word " * 80]})
+    _, long_stats = tokenize_dataset(long_rows, tok, max_length=32, packing=True)
+    assert long_stats.truncated == 1
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_packed_batch_gives_each_row_its_own_logits(tok: Any, padding_side: str) -> None:
+    """A packed, padded batch: every row inside it gets the logits and loss terms it gets alone (no attention
+    across rows, positions restart), as TRL's padding-free packing promises."""
+    texts = [f"Row {i}: {'some words ' * (i % 4 + 1)}end." for i in range(9)]
+    dataset = datasets.Dataset.from_dict({"text": texts})
+    alone, _ = tokenize_dataset(dataset, tok, max_length=48)
+    packed, _ = tokenize_dataset(dataset, tok, max_length=48, packing=True)
+    assert any(len([p for p in block if p == 0]) > 1 for block in packed["position_ids"])
+    batch = make_collator(tok, "text").__class__(tok.pad_token_id, padding_side=padding_side)(list(packed))
+    assert set(batch) == {"input_ids", "labels", "position_ids"}
+    model, _ = models.load_model("tiny-llama")
+    with torch.no_grad():
+        # No KV cache, as in training (the Trainer sets use_cache=False): transformers reads packed rows from
+        # restarting positions only when there is no cache and no attention mask.
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        expected = [model(input_ids=torch.tensor([ids])).logits[0] for ids in alone["input_ids"]]
+    found = []
+    for b, positions in enumerate(packed["position_ids"]):  # each packed row, where it lies in the padded batch
+        offset = batch["input_ids"].shape[1] - len(positions) if padding_side == "left" else 0
+        starts = [i for i, p in enumerate(positions) if p == 0] + [len(positions)]
+        found += [logits[b, offset + a : offset + z] for a, z in zip(starts, starts[1:])]
+    assert len(found) == len(expected)
+    for got, want in zip(found, expected):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_classification(tmp_path: Path, bert_tok: Any) -> None:

@@ -35,6 +35,31 @@ def test_task_type_and_peft_config_read_as_peft_does(tmp_path) -> None:
     assert (loaded.r, sorted(loaded.target_modules)) == (theirs.r, sorted(theirs.target_modules))
 
 
+@pytest.mark.parametrize("task_type", [None, *ours.TaskType])
+def test_model_classes_per_task_type_as_peft_s(tmp_path, task_type) -> None:
+    """get_peft_model and PeftModel.from_pretrained build PEFT's class for the task, by PEFT's class name."""
+    config = dict(r=4, target_modules=["q_proj"], task_type=task_type)
+    mine = ours.get_peft_model(tiny_llama(), ours.LoraConfig(**config))
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**config))
+    assert type(mine).__name__ == type(theirs).__name__ and isinstance(mine, ours.PeftModel)
+    mine.save_pretrained(tmp_path)
+    assert type(ours.PeftModel.from_pretrained(tiny_llama(), tmp_path)) is type(mine)
+    assert isinstance(ours.PeftModelForCausalLM.from_pretrained(tiny_llama(), tmp_path), ours.PeftModelForCausalLM)
+
+
+def test_text_generation_pipeline_takes_the_model_without_an_error(caplog, embedded_cache) -> None:
+    from transformers import pipeline
+
+    from peft_trainer import models
+
+    base, tok = models.load_model("tiny-llama")
+    model = ours.get_peft_model(base, ours.LoraConfig(r=4, target_modules=TARGETS, task_type="CAUSAL_LM"))
+    with caplog.at_level("ERROR"):
+        out = pipeline("text-generation", model=model, tokenizer=tok)("Hello", max_new_tokens=3, do_sample=False)
+    assert out[0]["generated_text"].startswith("Hello")
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+
+
 def test_state_dicts_round_trip_with_peft() -> None:
     torch.manual_seed(0)
     mine = ours.get_peft_model(tiny_llama(), ours.LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False))

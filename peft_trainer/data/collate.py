@@ -38,6 +38,9 @@ class DataCollatorForCausalLM:
     ``input_ids`` are padded with ``pad_token_id``, ``attention_mask`` with 0 and ``labels`` with -100 (so padding
     never counts in the loss even when pad == eos). Returns LongTensors of shape ``(batch, seq_len)``. Rows without
     ``labels`` get ``input_ids`` as labels.
+
+    Packed rows (with ``position_ids``, from ``tokenize_dataset(packing=True)``) get no ``attention_mask``: the
+    restarting positions mark where each row starts, and the padding's positions count from 0 as one more row.
     """
 
     pad_token_id: int
@@ -50,17 +53,21 @@ class DataCollatorForCausalLM:
         length = max(len(f["input_ids"]) for f in features)
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        batch: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
+        packed = features[0].get("position_ids") is not None
+        batch: dict[str, list[list[int]]] = {}
         for f in features:
             ids = list(f["input_ids"])
+            fill = length - len(ids)
             values = {
-                "input_ids": (ids, self.pad_token_id),
-                "attention_mask": (list(f.get("attention_mask") or [1] * len(ids)), 0),
-                "labels": (list(f["labels"]) if f.get("labels") is not None else list(ids), IGNORE_INDEX),
+                "input_ids": (ids, [self.pad_token_id] * fill),
+                "labels": (list(f["labels"]) if f.get("labels") is not None else list(ids), [IGNORE_INDEX] * fill),
             }
+            if packed:
+                values["position_ids"] = (list(f["position_ids"]), list(range(fill)))
+            else:
+                values["attention_mask"] = (list(f.get("attention_mask") or [1] * len(ids)), [0] * fill)
             for key, (seq, pad) in values.items():
-                fill = [pad] * (length - len(seq))
-                batch[key].append(fill + seq if self.padding_side == "left" else seq + fill)
+                batch.setdefault(key, []).append(pad + seq if self.padding_side == "left" else seq + pad)
         return {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
 
 

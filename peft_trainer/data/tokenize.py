@@ -43,6 +43,25 @@ class TokenizeStats:
 class _Row:
     input_ids: list[int]
     labels: list[int] = field(default_factory=list)
+    position_ids: list[int] = field(default_factory=list)  # packed rows only: restart at 0 for each row
+
+
+def _pack(rows: list[_Row], max_length: int) -> list[_Row]:
+    """Rows (each at most ``max_length``) concatenated in order into blocks of at most ``max_length`` tokens.
+
+    ``position_ids`` restart at 0 for each row, which tells the model where rows start: transformers then masks
+    attention across rows (as with TRL's padding-free packing), and each row's first label is -100, so no row
+    learns to predict its first token from the row before it. A packed row computes what the row alone does.
+    """
+    blocks: list[_Row] = []
+    for row in rows:
+        if not blocks or len(blocks[-1].input_ids) + len(row.input_ids) > max_length:
+            blocks.append(_Row([], []))
+        block = blocks[-1]
+        block.input_ids.extend(row.input_ids)
+        block.labels.extend([IGNORE_INDEX, *row.labels[1:]])
+        block.position_ids.extend(range(len(row.input_ids)))
+    return blocks
 
 
 def _assistant_spans(
@@ -205,8 +224,10 @@ def tokenize_dataset(
     - ``text``: the text + eos, loss on every token.
 
     Rows longer than ``max_length`` are cut (counted in ``stats.truncated``); rows left with no label to learn from
-    are dropped (``stats.dropped``). ``packing`` concatenates all rows (each ends with eos) and cuts the stream into
-    ``max_length`` blocks (the last may be shorter) instead of truncating; attention is not reset between rows.
+    are dropped (``stats.dropped``). ``packing`` puts consecutive rows together into rows of at most ``max_length``
+    tokens with a ``position_ids`` column (restarting at 0 for each row) and no ``attention_mask``: the model
+    attends within each row only, so a packed row gives each of its rows the logits it has alone
+    (:class:`~peft_trainer.data.DataCollatorForCausalLM` keeps it that way in batches).
 
     ``classification`` gives the tokenizer's fields (truncated to ``max_length``) and an int ``label``; labels may
     be ids or class names (``label_names`` fixes their order, else a ``ClassLabel`` feature's names, else the
@@ -244,7 +265,7 @@ def tokenize_dataset(
 
     rows: list[_Row] = []
     for _, row in _causal_rows(_progress(dataset, source), tokenizer, fmt, completion_only_loss, source):
-        if not packing and len(row.input_ids) > max_length:
+        if len(row.input_ids) > max_length:
             stats.truncated += 1
             row = _Row(row.input_ids[:max_length], row.labels[:max_length])
         # Position 0 is never a target (labels are shifted inside the model), so it does not count.
@@ -252,22 +273,16 @@ def tokenize_dataset(
             stats.dropped += 1
             continue
         rows.append(row)
-    if packing:
-        stream_ids = [t for row in rows for t in row.input_ids]
-        stream_labels = [t for row in rows for t in row.labels]
-        rows = [
-            _Row(stream_ids[k : k + max_length], stream_labels[k : k + max_length])
-            for k in range(0, len(stream_ids), max_length)
-            if len(stream_ids[k : k + max_length]) >= 2
-        ]
     if not rows:
         raise ValueError(f"{source}: no row has a token to learn from (all {stats.rows} rows dropped)")
+    if packing:
+        rows = _pack(rows, max_length)
     stats.examples = len(rows)
     stats.tokens = sum(len(row.input_ids) for row in rows)
     stats.trainable_tokens = sum(sum(label != IGNORE_INDEX for label in row.labels) for row in rows)
-    columns = {
-        "input_ids": [row.input_ids for row in rows],
-        "attention_mask": [[1] * len(row.input_ids) for row in rows],
-        "labels": [row.labels for row in rows],
-    }
+    columns = {"input_ids": [row.input_ids for row in rows], "labels": [row.labels for row in rows]}
+    if packing:
+        columns["position_ids"] = [row.position_ids for row in rows]
+    else:
+        columns["attention_mask"] = [[1] * len(row.input_ids) for row in rows]
     return datasets.Dataset.from_dict(columns, info=info), stats

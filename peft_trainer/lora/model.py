@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import card, io
+from .. import card, io, plain_trainer
 from ..config import LoraConfig
 from ..folders import adapter_dir, validate_adapter_name
 from ..loss import can_chunk, causal_lm_forward
@@ -57,6 +57,7 @@ class PeftModel(nn.Module):
             p.requires_grad_(False)
         self.add_adapter(adapter_name, config)
         self.set_adapter(adapter_name)
+        plain_trainer.install()  # transformers.Trainer then saves and resumes this model as adapter files
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -275,6 +276,10 @@ class PeftModel(nn.Module):
             if isinstance(value, torch.Tensor):
                 return value.shape[0], value.device
         raise ValueError("adapter_names needs a tensor input to know the batch size")
+
+    def train(self, mode: bool = True) -> PeftModel:
+        plain_trainer.install()  # also when transformers.Trainer was imported after this model was built
+        return super().train(mode)
 
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         if adapter_names is None:
@@ -522,7 +527,7 @@ class PeftModel(nn.Module):
         """Load a saved (PEFT-format) adapter from a folder or Hub repo onto ``model``."""
         validate_adapter_name(adapter_name)
         config, tensors = io.read_adapter(model_id, config, is_trainable, **kwargs)
-        return attach_adapter(model, adapter_name, config, tensors, str(model_id), cls)
+        return attach_adapter(model, adapter_name, config, tensors, str(model_id), class_for(config, cls))
 
     def load_adapter(
         self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **kwargs: Any
@@ -766,9 +771,10 @@ _CLASSES: dict[tuple[type, type], type] = {}
 
 
 def _class_for(cls: type, base_cls: type) -> type:
-    """A PeftModel subclass whose ``forward`` carries the base model's signature, so the Trainer finds the
-    label names, keeps the right dataset columns and knows whether the loss accepts extra kwargs."""
-    if cls is not PeftModel:
+    """A subclass of ``cls`` (PeftModel or one of PEFT's task classes) whose ``forward`` carries the base model's
+    signature, so the Trainer finds the label names, keeps the right dataset columns and knows whether the loss
+    accepts extra kwargs. A class with a forward of its own is left as it is."""
+    if cls in _CLASSES.values() or any("forward" in c.__dict__ for c in cls.__mro__[: cls.__mro__.index(PeftModel)]):
         return cls
     key = (cls, base_cls)
     if key not in _CLASSES:
@@ -806,7 +812,7 @@ def get_peft_model(
     refuse_eva_start(peft_config)
     if revision is not None:
         peft_config = dataclasses.replace(peft_config, revision=revision)
-    peft_model = PeftModel(model, peft_config, adapter_name)
+    peft_model = class_for(peft_config)(model, peft_config, adapter_name)
     if not autocast_adapter_dtype:
         for _, layer in peft_model._layers():
             base = getattr(layer, "base_layer", None)
@@ -837,3 +843,41 @@ def inject_adapter_in_model(
     if state_dict is not None:  # PEFT's keys for an unwrapped model: no base_model.model. prefix
         holder.load_adapter_tensors(adapter_name, {io.PREFIX + k: v for k, v in state_dict.items()}, "state_dict")
     return model
+
+
+# PEFT's PeftModel subclass per task_type: same behaviour for LoRA, but transformers' pipelines (and user code that
+# checks) know a peft model for a task by these class names.
+class PeftModelForCausalLM(PeftModel):
+    """A PeftModel whose adapter config has task_type CAUSAL_LM."""
+
+
+class PeftModelForSequenceClassification(PeftModel):
+    """A PeftModel whose adapter config has task_type SEQ_CLS."""
+
+
+class PeftModelForTokenClassification(PeftModel):
+    """A PeftModel whose adapter config has task_type TOKEN_CLS."""
+
+
+class PeftModelForSeq2SeqLM(PeftModel):
+    """A PeftModel whose adapter config has task_type SEQ_2_SEQ_LM."""
+
+
+class PeftModelForQuestionAnswering(PeftModel):
+    """A PeftModel whose adapter config has task_type QUESTION_ANS."""
+
+
+class PeftModelForFeatureExtraction(PeftModel):
+    """A PeftModel whose adapter config has task_type FEATURE_EXTRACTION."""
+
+
+MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[str, type[PeftModel]] = {
+    "CAUSAL_LM": PeftModelForCausalLM, "SEQ_CLS": PeftModelForSequenceClassification,
+    "TOKEN_CLS": PeftModelForTokenClassification, "SEQ_2_SEQ_LM": PeftModelForSeq2SeqLM,
+    "QUESTION_ANS": PeftModelForQuestionAnswering, "FEATURE_EXTRACTION": PeftModelForFeatureExtraction,
+}  # fmt: skip
+
+
+def class_for(config: LoraConfig, asked: type[PeftModel] = PeftModel) -> type[PeftModel]:
+    """The class PEFT builds for ``config``: the task's subclass when ``asked`` is PeftModel itself."""
+    return MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel) if asked is PeftModel else asked
