@@ -1,7 +1,8 @@
-"""LoraConfig: the dataclass behind adapter_config.json, with PEFT 0.21's field names, defaults and validation."""
+"""LoraConfig: the dataclass behind adapter_config.json, with PEFT 0.22's field names, defaults and validation."""
 
 from __future__ import annotations
 
+import enum
 import json
 import os
 import re
@@ -12,8 +13,28 @@ from typing import Any
 from .folders import CONFIG_NAME, resolve_file
 
 # The PEFT release whose adapter_config.json layout this project writes byte for byte.
-PEFT_FORMAT_VERSION = "0.21.2"
+PEFT_FORMAT_VERSION = "0.22.0"
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+
+
+class TaskType(str, enum.Enum):
+    """``LoraConfig(task_type=TaskType.CAUSAL_LM)``; equal to its string (``"CAUSAL_LM"``), formatted as peft's
+    (``f"{TaskType.CAUSAL_LM}"`` gives ``"TaskType.CAUSAL_LM"``)."""
+
+    SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    CAUSAL_LM = "CAUSAL_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+
+class PeftType(str, enum.Enum):
+    """The adapter kinds this project implements: LoRA."""
+
+    LORA = "LORA"
+
+
 SUPPORTED_INITS = (True, False, "gaussian", "pissa", "olora")  # and "pissa_niter_K" (randomized SVD, K iterations)
 
 
@@ -32,6 +53,7 @@ def decomposes_base(init: Any) -> bool:
 _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     "alora_invocation_tokens": None,
     "arrow_config": None,
+    "astra_config": None,
     "corda_config": None,
     "ensure_weight_tying": False,
     "kasa_config": None,
@@ -109,8 +131,9 @@ class LoraConfig(PeftConfig):
     peft_type: str = "LORA"
 
     def __post_init__(self) -> None:
-        self.task_type = getattr(self.task_type, "value", self.task_type)  # TaskType.CAUSAL_LM -> "CAUSAL_LM"
-        self.peft_type = getattr(self.peft_type, "value", self.peft_type)
+        # As in peft: peft_type is the enum, task_type stays as given (TaskType or str); enums equal their strings.
+        if self.peft_type == "LORA":
+            self.peft_type = PeftType.LORA
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.exclude_modules, (set, tuple)):
@@ -135,7 +158,7 @@ class LoraConfig(PeftConfig):
         if not (is_supported_init(self.init_lora_weights) or self.init_lora_weights == "eva"):
             problems.append(
                 f"init_lora_weights={self.init_lora_weights!r}: this project implements true, false, 'gaussian', "
-                "'pissa', 'pissa_niter_K' and 'olora', and loads EVA adapters (LoftQ and CorDA need peft)"
+                "'pissa', 'pissa_niter_K' and 'olora', and loads EVA adapters (LoftQ, CorDA and Astra need peft)"
             )
         if self.eva_config is not None and not isinstance(self.eva_config, dict):
             problems.append(f"eva_config={self.eva_config!r}: a mapping of EVA's settings (as peft writes it) or null")
@@ -207,7 +230,7 @@ class LoraConfig(PeftConfig):
         return isinstance(self.target_modules, str) and self.target_modules.lower() == "all-linear"
 
     def to_dict(self) -> dict[str, Any]:
-        """The dict PEFT 0.21 writes: all 41 keys, lists sorted where PEFT holds sets."""
+        """The dict PEFT 0.22 writes: all 42 keys, lists sorted where PEFT holds sets."""
         d = {**_UNSUPPORTED_DEFAULTS, **_INERT_DEFAULTS, **asdict(self)}
         if isinstance(d["target_modules"], list):
             d["target_modules"] = sorted(set(d["target_modules"]))

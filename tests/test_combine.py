@@ -1,4 +1,4 @@
-"""Tests for peft_trainer.lora.combine: add_weighted_adapter math checked against peft 0.21.2 as an oracle."""
+"""Tests for peft_trainer.lora.combine: add_weighted_adapter math checked against peft 0.22.0 as an oracle."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""LoRA variants against peft 0.21.2 as the oracle: DoRA (Linear, GPT-2 Conv1D, Embedding, 4-bit base,
+"""LoRA variants against peft 0.22.0 as the oracle: DoRA (Linear, GPT-2 Conv1D, Embedding, 4-bit base,
 convolutions), lora_bias, PiSSA/OLoRA (with the conversion to plain LoRA), convolution targets and trainable tokens.
 
 Each: the same files give the same logits both ways, one training step gives the same gradients, merge equals the

@@ -1,4 +1,4 @@
-"""Many adapters on one base, against peft 0.21.2: switch, combine, disable, delete, merge, mixed batches, threads."""
+"""Many adapters on one base, against peft 0.22.0: switch, combine, disable, delete, merge, mixed batches, threads."""
 
 from __future__ import annotations
 

@@ -33,6 +33,13 @@ def test_task_type_and_peft_config_read_as_peft_does(tmp_path) -> None:
     assert loaded.task_type == ours.TaskType.CAUSAL_LM == theirs.task_type == peft.TaskType.CAUSAL_LM
     assert loaded.peft_type == ours.PeftType.LORA and str(theirs.peft_type.value) == loaded.peft_type
     assert (loaded.r, sorted(loaded.target_modules)) == (theirs.r, sorted(theirs.target_modules))
+    # Printed as peft prints them (example scripts build folder names this way), str or enum alike.
+    for task in ("CAUSAL_LM", "TaskType.CAUSAL_LM"):
+        mine_cfg, peft_cfg = (
+            lib.LoraConfig(task_type=lib.TaskType.CAUSAL_LM if "." in task else task) for lib in (ours, peft)
+        )
+        assert f"{mine_cfg.peft_type}_{mine_cfg.task_type}" == f"{peft_cfg.peft_type}_{peft_cfg.task_type}"
+    assert f"{loaded.peft_type}_{loaded.task_type}" == f"{theirs.peft_type}_{theirs.task_type}"
 
 
 @pytest.mark.parametrize("task_type", [None, *ours.TaskType])

@@ -1,4 +1,4 @@
-"""Our adapter files against peft 0.21.2 (the oracle): same keys, shapes, config JSON and logits, both ways."""
+"""Our adapter files against peft 0.22.0 (the oracle): same keys, shapes, config JSON and logits, both ways."""
 
 from __future__ import annotations
 

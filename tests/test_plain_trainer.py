@@ -38,6 +38,22 @@ def test_checkpoints_and_final_folder_hold_peft_s_files(tmp_path):
     peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "ours" / "checkpoint-4"))  # peft reads them
 
 
+def test_peft_trainer_writes_the_same_files_and_two_more(tmp_path):
+    """The README's table: PeftTrainer adds optimizer_param_names.json to checkpoints and trainer_state.json to the
+    final folder, and nothing else differs from peft + Trainer."""
+    theirs = _trainer(peft, tmp_path / "peft")
+    args = fast_args(tmp_path / "ours", save_strategy="steps", save_steps=2, lora_dropout=0.0)
+    ours = peft_trainer.PeftTrainer(tiny_llama(), args, train_dataset=token_dataset(16))
+    theirs.train(), ours.train()
+    theirs.save_model(), ours.save_model()
+    extra = {
+        "checkpoint-2/optimizer_param_names.json",
+        "checkpoint-4/optimizer_param_names.json",
+        "trainer_state.json",
+    }
+    assert set(files_under(tmp_path / "ours")) == set(files_under(tmp_path / "peft")) | extra
+
+
 def test_resume_from_an_adapter_checkpoint_is_exact(tmp_path):
     whole = _trainer(peft_trainer, tmp_path / "whole")
     whole.train()

@@ -1,4 +1,4 @@
-"""Property-based checks against peft 0.21.2 (the oracle): target matching on generated module names and specs, and
+"""Property-based checks against peft 0.22.0 (the oracle): target matching on generated module names and specs, and
 the adapter key mapping (in-memory names <-> PEFT file keys) on generated module trees and adapter names."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""target_parameters (LoRA on nn.Parameters: the 3-D expert stacks of a tiny Mixtral) against peft 0.21.2: the same
+"""target_parameters (LoRA on nn.Parameters: the 3-D expert stacks of a tiny Mixtral) against peft 0.22.0: the same
 files both ways with the same logits, the same gradients, merge == unmerged, nested wrappers unload cleanly, a second
 adapter, PeftTrainer's lora_target_parameters, and the refusals."""
 

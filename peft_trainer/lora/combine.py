@@ -124,7 +124,7 @@ def combine_factors(
     density: float | None = None,
     majority_sign_method: str = "total",
 ) -> tuple[Tensor, Tensor]:
-    """Combine one layer's adapters the way peft 0.21.2's `add_weighted_adapter` does.
+    """Combine one layer's adapters the way peft 0.22.0's `add_weighted_adapter` does.
 
     factors[i] = (A_i (r_i, in), B_i (out, r_i), scaling_i), delta in `B @ A` (out, in) orientation; weights[i]
     is adapter i's user weight. Pass the type from `resolve_combination_type` and `rank` from `new_rank`.

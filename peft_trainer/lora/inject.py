@@ -15,7 +15,8 @@ from .param import ParamLayer, find_param_targets, param_layer, param_layer_owne
 
 # PEFT compresses long target lists to the shortest separating suffixes from this length on.
 MIN_TARGET_MODULES_FOR_OPTIMIZATION = 20
-AUTO_MODULES_TO_SAVE = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"]}
+# pre_classifier: DistilBERT-style heads start it at random, so it trains and is saved too (as in peft 0.22).
+AUTO_MODULES_TO_SAVE = {task: ["classifier", "score", "pre_classifier"] for task in ("SEQ_CLS", "TOKEN_CLS")}
 AUTO_MODULES_TO_SAVE["QUESTION_ANS"] = ["qa_outputs"]
 # PEFT's per-architecture defaults when target_modules is None (the common ones).
 DEFAULT_TARGETS = {

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 from typing import Any
 
 import torch
@@ -10,32 +9,12 @@ from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from .. import io
-from ..config import TASK_TYPES
+from ..config import PeftType, TaskType
 
 __all__ = [
     "PeftType", "TaskType", "cast_mixed_precision_params", "get_peft_model_state_dict",
     "prepare_model_for_kbit_training", "set_peft_model_state_dict",
 ]  # fmt: skip
-
-
-class TaskType(str, enum.Enum):
-    """``LoraConfig(task_type=TaskType.CAUSAL_LM)``; compares equal to its string (``"CAUSAL_LM"``)."""
-
-    SEQ_CLS = "SEQ_CLS"
-    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
-    CAUSAL_LM = "CAUSAL_LM"
-    TOKEN_CLS = "TOKEN_CLS"
-    QUESTION_ANS = "QUESTION_ANS"
-    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
-
-
-assert {t.value for t in TaskType} == set(TASK_TYPES)
-
-
-class PeftType(str, enum.Enum):
-    """The adapter kinds this project implements: LoRA."""
-
-    LORA = "LORA"
 
 
 def _adapters(model: nn.Module) -> tuple[Any, str]:
