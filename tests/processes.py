@@ -77,6 +77,15 @@ def wait_for(condition: Callable[[], object], progress: Callable[[], object], *,
     return value
 
 
+def tree_of(folder: Path) -> list[str]:
+    """The paths under a folder that a running process is writing, as progress for ``wait_for``; what is renamed or
+    removed while it is read (a checkpoint moving into place) is simply not listed."""
+    found = []
+    for root, dirs, files in os.walk(folder):  # os.walk skips a folder that vanished before it was read
+        found += [os.path.relpath(os.path.join(root, name), folder) for name in (*dirs, *files)]
+    return sorted(found)
+
+
 def size_of(path: Path) -> int:
     """A file's size, 0 while it does not exist: progress for ``wait_for``."""
     try:

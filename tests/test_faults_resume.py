@@ -86,8 +86,7 @@ def _wait_until(out: Path, condition) -> None:
     """Wait for ``condition`` while the run makes progress (new files in ``out``, a growing log)."""
 
     def progress() -> tuple:
-        names = sorted(str(p.relative_to(out)) for p in out.rglob("*")) if out.exists() else []
-        return names, processes.size_of(Path(str(out) + ".log"))
+        return processes.tree_of(out), processes.size_of(Path(str(out) + ".log"))
 
     processes.wait_for(condition, progress, what=f"the training run in {out}", poll=0.005)
 
