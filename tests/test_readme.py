@@ -41,7 +41,12 @@ EXAMPLES = _examples()
 
 
 def test_the_readme_has_its_examples() -> None:
-    assert list(EXAMPLES) == ["Example", "PeftTrainer", "PeftTrainer (2)"]
+    assert list(EXAMPLES) == [
+        "Example",
+        "PeftTrainer",
+        "PeftTrainer (2)",
+        "Use with TRL or a plain `transformers.Trainer`",
+    ]
     assert len(EXAMPLES["Example"].splitlines()) <= 25
     assert "assert torch.allclose(reloaded(batch).logits" in EXAMPLES["Example"]  # the example checks itself
 
@@ -67,6 +72,10 @@ def test_python_example_runs_as_written(name: str, tmp_path: Path, embedded_cach
         checkpoints = sorted(p.name for p in (tmp_path / "my-run").glob("checkpoint-*"))
         assert checkpoints == ["checkpoint-2", "checkpoint-4"]
         assert not list((tmp_path / "my-run").rglob("model.safetensors"))  # adapter-only checkpoints
+    elif name.startswith("Use with TRL"):
+        assert (tmp_path / "my-sft" / "adapter_model.safetensors").is_file()
+        assert (tmp_path / "my-sft" / "checkpoint-2" / "adapter_model.safetensors").is_file()
+        assert not list((tmp_path / "my-sft").rglob("model.safetensors"))
     else:
         assert (tmp_path / "tiny-run" / "adapter_model.safetensors").is_file() and "train_loss" in out.stdout
 
