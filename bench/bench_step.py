@@ -1,7 +1,8 @@
 """LoRA training step (forward + backward + AdamW): ours vs peft vs the frozen-base limit vs full fine-tuning.
 
     python bench/bench_step.py [--quick] [--model smollm2|tiny|llama1b] [--device cpu|cuda] [--bf16]
-                               [--variants ours,peft,frozen,full]   (ours-dora, peft-dora: the same with DoRA)
+                               [--variants ours,peft,frozen,full]   (ours-dora, peft-dora: the same with DoRA;
+                                                                      a "-compiled" suffix: under torch.compile)
 
 Each (model, shape, dropout, variant) runs in its own process; medians of the timed steps and the peak memory of
 the training phase (RSS; on CUDA, allocated GPU memory) are printed as a table with ratios. ``--bf16`` runs the
@@ -26,7 +27,8 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def build(case: dict):
     model = base_model(case["model"], case["device"])
     model.config.use_cache = False
-    variant, dora = case["variant"].removesuffix("-dora"), case["variant"].endswith("-dora")
+    variant = case["variant"].removesuffix("-compiled")
+    variant, dora = variant.removesuffix("-dora"), variant.endswith("-dora")
     kwargs = dict(r=16, lora_alpha=32, lora_dropout=case["dropout"], target_modules=TARGETS, use_dora=dora)
     if variant in ("ours", "ours-logits"):
         from peft_trainer import LoraConfig, get_peft_model
@@ -41,6 +43,8 @@ def build(case: dict):
         for p in model.parameters():
             p.requires_grad_(False)
         model.enable_input_require_grads()
+    if case["variant"].endswith("-compiled"):  # as the Trainer's torch_compile=True: the model, not the optimizer
+        model = torch.compile(model)
     return model
 
 
@@ -93,6 +97,7 @@ def main() -> None:
     variants = args.variants.split(",")
     memory = "GPU MiB" if args.device.startswith("cuda") else "RSS MiB"
     pairs = [("ours", "peft"), ("ours", "frozen"), ("ours-dora", "peft-dora"), ("ours-dora", "ours")]
+    pairs += [("ours-compiled", "ours"), ("ours-compiled", "peft-compiled"), ("peft-compiled", "peft")]
     pairs = [(a, b) for a, b in pairs if a in variants and b in variants]
     head = ["model", "batch x seq", "dropout"] + [f"{v} step s" for v in variants] + [f"{a}/{b}" for a, b in pairs]
     head += [f"{v} {memory}" for v in variants] + [f"{a}/{b} memory" for a, b in pairs]

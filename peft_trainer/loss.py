@@ -36,7 +36,8 @@ def can_chunk(model: nn.Module) -> bool:
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """``sum_i CE(hidden_i @ Wᵀ, target_i) / divisor`` for the rows given; saves only the hidden-state gradient."""
+    """``sum_i CE(hidden_i @ Wᵀ, target_i) / divisor`` over the rows whose target is not ignored (-100); saves only
+    the hidden-state gradient (zero for ignored rows)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, divisor):  # (N, d), (V, d), (N,), scalar tensor
@@ -46,14 +47,16 @@ class LinearCrossEntropy(torch.autograd.Function):
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, hidden.shape[0], rows):
             h, t = hidden[start : start + rows], targets[start : start + rows]
+            counted = (t != IGNORE_INDEX).float()[:, None]  # (n, 1)
+            t = t.clamp(min=0)
             logits = (h @ weight.T).float()  # (n, V)
             picked = logits.gather(1, t[:, None])
             peak = logits.amax(dim=-1, keepdim=True)
             e = logits.sub_(peak).exp_()  # in place: one exp pass, no second (n, V) buffer
             sums = e.sum(dim=-1, keepdim=True)
-            total += (sums.log().add_(peak) - picked).sum()  # logsumexp - picked logit
+            total += ((sums.log().add_(peak) - picked) * counted).sum()  # logsumexp - picked logit
             # softmax @ W - W[target], normalised on the (n, d) product instead of the (n, V) probabilities
-            grad_rows = (e.to(weight.dtype) @ weight).float().div_(sums).sub_(weight[t].float())
+            grad_rows = (e.to(weight.dtype) @ weight).float().div_(sums).sub_(weight[t].float()).mul_(counted)
             grad[start : start + rows] = grad_rows.to(grad.dtype)
         ctx.save_for_backward(grad, divisor)
         return total / divisor
@@ -77,10 +80,14 @@ def causal_lm_forward(model: nn.Module, **kwargs: Any) -> Any:
     if shift_labels is None:
         shift_labels = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
     targets = shift_labels.reshape(-1).to(hidden.device)
-    rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)
-    divisor = torch.as_tensor(float(len(rows)) if divisor is None else divisor, device=hidden.device)
+    counted = targets != IGNORE_INDEX
+    divisor = counted.sum().float() if divisor is None else torch.as_tensor(divisor, device=hidden.device)
     flat = hidden.reshape(-1, hidden.shape[-1])
-    picked = flat.index_select(0, rows) if len(rows) < len(targets) else flat
-    loss = LinearCrossEntropy.apply(picked, model.lm_head.weight, targets[rows], divisor)
+    if not torch.compiler.is_compiling():  # ignored rows get no logits at all
+        rows = counted.nonzero().squeeze(1)
+        flat, targets = (flat.index_select(0, rows), targets[rows]) if len(rows) < len(targets) else (flat, targets)
+    # Compiled, every row goes in (ignored ones weigh zero): a row count that follows the data would change the
+    # shapes, and so recompile, at every batch.
+    loss = LinearCrossEntropy.apply(flat, model.lm_head.weight, targets, divisor)
     rest = {key: value for key, value in out.items() if key != "last_hidden_state"}
     return CausalLMOutputWithPast(loss=loss, logits=None, **rest)

@@ -17,9 +17,11 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.
 
     Everything derives from torch's default generator (on CPU one 64-bit draw seeds numpy's SFC64, which makes
     the bits twice as fast as torch's serial CPU generator), so seeds, the Trainer's RNG checkpoints and
-    activation checkpointing's RNG replay all see the same masks.
+    activation checkpointing's RNG replay all see the same masks. Under torch.compile, ``torch.rand``.
     """
     drop = round(p * 65536)
+    if torch.compiler.is_compiling():  # the compiler traces torch's own RNG only
+        return torch.rand(shape, device=device) >= drop / 65536, 65536 / (65536 - drop)
     n = math.prod(shape)
     words = (n + 3) // 4
     if device.type == "cpu":
@@ -80,8 +82,10 @@ def keep_input(x: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], tuple[int, ..
     ``weight * (h * rstd)`` (q/k/v, gate/up) and SwiGLU's ``silu(gate) * up`` (down). Otherwise ``x`` itself (layout
     None). Not under saved-tensor hooks (activation checkpointing, offloading): those decide what is kept.
     """
+    if torch.compiler.is_compiling():  # the compiler decides what is kept; it cannot read autograd's graph
+        return (x,), None
     node = x.grad_fn
-    if not _is_mul(node) or _hooks_active() or torch.compiler.is_compiling():
+    if not _is_mul(node) or _hooks_active():
         return (x,), None
     parts: list[torch.Tensor] = []
     layout: list[int] = []

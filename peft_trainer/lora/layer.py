@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import threading
+from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -30,7 +32,8 @@ class AdapterState:
     """Which adapters run, held once per model and shared by every LoRA layer (switching is O(1)).
 
     A context variable lets one call (one thread or task) choose other adapters without changing what the
-    rest of the process sees.
+    rest of the process sees. It is read only while some call holds an override, so that torch.compile, which
+    cannot trace a context variable, traces the common case through plain attributes.
     """
 
     def __init__(self) -> None:
@@ -41,14 +44,29 @@ class AdapterState:
         self._override: ContextVar[tuple[str, ...] | RowGroups | None] = ContextVar(
             f"peft_trainer_adapters_{id(self)}", default=None
         )
+        self._overrides = 0  # calls holding an override now, in any thread or task
+        self._lock = threading.Lock()
 
     def refresh(self) -> None:
         self._run = () if self.disabled else tuple(a for a in self.active if a not in self.merged)
 
     def current(self) -> tuple[str, ...] | RowGroups:
         """The adapters the layers must add on top of the (possibly merged) base weights for this call."""
-        override = self._override.get()
+        override = self._override.get() if self._overrides else None
         return self._run if override is None else override
+
+    @contextlib.contextmanager
+    def override(self, selection: tuple[str, ...] | RowGroups) -> Iterator[None]:
+        """Inside, this thread or task runs ``selection`` instead of the active adapters."""
+        with self._lock:
+            self._overrides += 1
+        token = self._override.set(selection)
+        try:
+            yield
+        finally:
+            self._override.reset(token)
+            with self._lock:
+                self._overrides -= 1
 
 
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
@@ -123,18 +141,22 @@ class LoraLayer(nn.Module):
                 return torch.linalg.norm(
                     weight.float() + self.delta_weight(name).to(weight.device), dim=self._norm_dim
                 )
-        inference = not (torch.is_grad_enabled() or self.training)
-        key = tuple((t.data_ptr(), t._version) for t in self._factor_tensors(name))
+        compiling = torch.compiler.is_compiling()  # no caches: the compiler cannot trace data pointers
+        inference = not (compiling or torch.is_grad_enabled() or self.training)
+        key = None if compiling else tuple((t.data_ptr(), t._version) for t in self._factor_tensors(name))
         cached = self._norm_cache.get(name)
         if inference and cached is not None and cached[0] == key:
             return cached[1]
         with torch.no_grad():
             weight = read_weight(self.base_layer).float()
             rows = weight if self._norm_dim == 1 else weight.T  # (out, in)
-            base_key = (self.base_layer.weight.data_ptr(), self.base_layer.weight._version)
-            squares = self._norm_cache.get("__base__")
-            if squares is None or squares[0] != base_key:
-                squares = self._norm_cache["__base__"] = (base_key, rows.square().sum(1))
+            if compiling:
+                squares = (None, rows.square().sum(1))
+            else:
+                base_key = (self.base_layer.weight.data_ptr(), self.base_layer.weight._version)
+                squares = self._norm_cache.get("__base__")
+                if squares is None or squares[0] != base_key:
+                    squares = self._norm_cache["__base__"] = (base_key, rows.square().sum(1))
             a, b = (t.float() for t in self._factor_tensors(name))  # (r, in), (out, r)
             s = self.scaling[name]
             cross = ((rows @ a.T) * b).sum(1)  # ⟨W_i, (BA)_i⟩

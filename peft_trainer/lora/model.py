@@ -232,11 +232,8 @@ class PeftModel(nn.Module):
         )
         names = [n for n in names if n != BASE]
         self._check_call_names(names)
-        token = self.adapter_state._override.set(tuple(names))
-        try:
+        with self.adapter_state.override(tuple(names)):
             yield
-        finally:
-            self.adapter_state._override.reset(token)
 
     def _check_call_names(self, names: list[str]) -> None:
         unknown = sorted({n for n in names if n != BASE and n not in self.peft_config})
@@ -264,11 +261,8 @@ class PeftModel(nn.Module):
         for name in dict.fromkeys(adapter_names):
             rows = [i for i, n in enumerate(adapter_names) if n == name]
             groups.append((name, torch.tensor(rows, device=device)))
-        token = self.adapter_state._override.set(RowGroups(tuple(groups), batch_size))
-        try:
+        with self.adapter_state.override(RowGroups(tuple(groups), batch_size)):
             yield
-        finally:
-            self.adapter_state._override.reset(token)
 
     @staticmethod
     def _batch_of(args: tuple, kwargs: dict) -> tuple[int, torch.device]:
