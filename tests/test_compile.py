@@ -20,8 +20,12 @@ def _train(tmp_path, compile_: bool, **lora) -> float:
 
 @pytest.mark.parametrize(
     "lora",
-    [dict(lora_target_modules="all-linear"), dict(lora_dropout=0.1, use_dora=True)],
-    ids=["all-linear", "dropout-dora"],
+    [
+        dict(lora_target_modules="all-linear"),
+        dict(lora_target_modules="all-linear", lora_dropout=0.1),
+        dict(lora_dropout=0.1, use_dora=True),
+    ],
+    ids=["all-linear", "dropout", "dropout-dora"],
 )
 def test_compiles_once_without_graph_breaks(tmp_path, lora: dict) -> None:
     torch._dynamo.reset()

@@ -282,3 +282,25 @@ def test_resized_vocabulary_saves_the_embedding_matrices_as_peft_does(tmp_path) 
     loaded = [m.eval()(ids).logits for m in (ours.PeftModel.from_pretrained(resized(), tmp_path / "ours"),
                                              peft.PeftModel.from_pretrained(resized(), tmp_path / "ours"))]  # fmt: skip
     assert torch.allclose(loaded[0], loaded[1], atol=1e-5) and torch.allclose(loaded[0], mine.eval()(ids).logits)
+
+
+@pytest.mark.parametrize("library", [ours, peft], ids=["ours", "peft"])
+def test_a_model_deep_copies_and_pickles(library) -> None:
+    import copy
+    import pickle
+
+    model = library.get_peft_model(
+        tiny_llama(), library.LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False)
+    )
+    with torch.no_grad():
+        expected = model(IDS).logits
+        with model.disable_adapter():
+            base = model(IDS).logits
+    for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert type(other) is type(model)
+        with torch.no_grad():
+            assert torch.equal(other(IDS).logits, expected)
+            with other.disable_adapter():
+                assert torch.equal(other(IDS).logits, base)
+        other.add_adapter("second", library.LoraConfig(r=2, target_modules=TARGETS))
+        assert list(model.peft_config) == ["default"]  # the copy is independent

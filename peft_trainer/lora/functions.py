@@ -17,14 +17,14 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.
 
     Everything derives from torch's default generator (on CPU one 64-bit draw seeds numpy's SFC64, which makes
     the bits twice as fast as torch's serial CPU generator), so seeds, the Trainer's RNG checkpoints and
-    activation checkpointing's RNG replay all see the same masks. Under torch.compile, ``torch.rand``.
+    activation checkpointing's RNG replay all see the same masks. Under torch.compile: ``torch.randint``.
     """
     drop = round(p * 65536)
-    if torch.compiler.is_compiling():  # the compiler traces torch's own RNG only
-        return torch.rand(shape, device=device) >= drop / 65536, 65536 / (65536 - drop)
     n = math.prod(shape)
     words = (n + 3) // 4
-    if device.type == "cpu":
+    if torch.compiler.is_compiling():  # traceable (random_ is not); compiled, as fast as numpy's bits on CPU
+        bits = torch.randint(-(2**63), 2**63 - 1, (words,), dtype=torch.int64, device=device).view(torch.int16)
+    elif device.type == "cpu":
         seed = int(torch.empty((), dtype=torch.int64).random_(-(2**63), None)) & (2**64 - 1)
         bits = torch.from_numpy(np.random.SFC64(seed).random_raw(words).view(np.int16))
     else:

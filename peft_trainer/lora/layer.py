@@ -47,6 +47,14 @@ class AdapterState:
         self._overrides = 0  # calls holding an override now, in any thread or task
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles hold the adapters' state, not the calls in flight (their overrides)."""
+        return {k: v for k, v in vars(self).items() if k not in ("_override", "_lock", "_overrides")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+        vars(self).update(state)
+
     def refresh(self) -> None:
         self._run = () if self.disabled else tuple(a for a in self.active if a not in self.merged)
 
@@ -477,9 +485,21 @@ class Linear(FactoredLayer):
                 out.add_(F.linear(h, b["weight"], b["bias"]), alpha=self.scaling[name])
         return out
 
+    def _compiled_forward(self, x: torch.Tensor, names: list[str], args: tuple, kwargs: dict) -> torch.Tensor:
+        """The training path under torch.compile: plain ops, which the compiler fuses (dropout's mask included) and
+        whose saved tensors it chooses; there they run faster than the hand-written functions (bench/README.md)."""
+        result = self._base_forward(x, args, kwargs)
+        for name in names:
+            a, b, p = self.lora_A[name].weight, self.lora_B[name].weight, self._p(name)
+            h = F.linear(fast_dropout(x.to(a.dtype), p) if p else x.to(a.dtype), a)  # (..., r)
+            result = result + (F.linear(h, b) * self.scaling[name]).to(result.dtype)
+        return result
+
     def _train_forward(self, x: torch.Tensor, selection: tuple[str, ...], args: tuple, kwargs: dict) -> torch.Tensor:
         names = [n for n in selection if n in self.r]
         amp = _autocast_dtype(x)
+        if torch.compiler.is_compiling() and amp is None and not any(self._plain_only(n) for n in names):
+            return self._compiled_forward(x, names, args, kwargs)
         if not args and not kwargs and self._fusable(x, names, amp):
             name, base = names[0], self.base_layer
             tensors = (x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight)

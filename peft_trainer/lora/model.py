@@ -59,6 +59,12 @@ class PeftModel(nn.Module):
         self.set_adapter(adapter_name)
         plain_trainer.install()  # transformers.Trainer then saves and resumes this model as adapter files
 
+    def __reduce_ex__(self, protocol: int) -> tuple:
+        """Pickled (and deep-copied) as the PEFT class it was built as; loading makes its typed subclass again."""
+        cls = type(self)
+        public = cls.__mro__[1] if cls in _CLASSES.values() else cls
+        return _rebuild, (public, type(self.get_base_model())), self.__getstate__()
+
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
@@ -781,6 +787,11 @@ def _class_for(cls: type, base_cls: type) -> type:
             typed_forward.__signature__ = inspect.signature(forward)
         _CLASSES[key] = type(cls.__name__, (cls,), {"forward": typed_forward, "__module__": cls.__module__})
     return _CLASSES[key]
+
+
+def _rebuild(cls: type, base_cls: type) -> PeftModel:
+    """An empty instance of ``cls`` for a ``base_cls`` model, for pickle to fill in."""
+    return nn.Module.__new__(_class_for(cls, base_cls))
 
 
 def refuse_eva_start(config: LoraConfig) -> None:
