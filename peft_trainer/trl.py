@@ -23,6 +23,8 @@ from trl import DPOConfig, SFTConfig
 from trl.trainer import dpo_trainer, sft_trainer
 from trl.trainer.utils import use_adapter as _use_adapter
 
+import peft_trainer
+
 from .config import LoraConfig
 from .lora.layer import LoraLayer
 from .lora.model import PeftModel
@@ -77,8 +79,6 @@ def _teach(module: Any) -> None:
     )
     if "use_adapter" in names:
         names["use_adapter"] = use_adapter
-    import peft_trainer
-
     # Names TRL imports from peft and reads only on paths peft_trainer's objects take where peft is absent.
     for name, value in {"peft": peft_trainer, "LoraConfig": LoraConfig, "PeftModel": PeftModel,
                         "PrefixTuningConfig": ()}.items():  # fmt: skip

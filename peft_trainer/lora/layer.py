@@ -158,21 +158,23 @@ class LoraLayer(nn.Module):
         with torch.no_grad():
             weight = read_weight(self.base_layer).float()
             rows = weight if self._norm_dim == 1 else weight.T  # (out, in)
-            if compiling:
-                squares = (None, rows.square().sum(1))
-            else:
-                base_key = (self.base_layer.weight.data_ptr(), self.base_layer.weight._version)
-                squares = self._norm_cache.get("__base__")
-                if squares is None or squares[0] != base_key:
-                    squares = self._norm_cache["__base__"] = (base_key, rows.square().sum(1))
+            squares = rows.square().sum(1) if compiling else self._base_squares(rows)
             a, b = (t.float() for t in self._factor_tensors(name))  # (r, in), (out, r)
             s = self.scaling[name]
             cross = ((rows @ a.T) * b).sum(1)  # ⟨W_i, (BA)_i⟩
             own = ((b @ (a @ a.T)) * b).sum(1)  # ‖(BA)_i‖²
-            norm = (squares[1] + 2 * s * cross + s * s * own).clamp_min(0).sqrt()
+            norm = (squares + 2 * s * cross + s * s * own).clamp_min(0).sqrt()
         if inference:
             self._norm_cache[name] = (key, norm)
         return norm
+
+    def _base_squares(self, rows: torch.Tensor) -> torch.Tensor:
+        """‖W_i‖² per output feature of ``rows`` (out, in), cached while the base weight is the same tensor."""
+        key = (self.base_layer.weight.data_ptr(), self.base_layer.weight._version)
+        cached = self._norm_cache.get("__base__")
+        if cached is None or cached[0] != key:
+            cached = self._norm_cache["__base__"] = (key, rows.square().sum(1))
+        return cached[1]
 
     def train(self, mode: bool = True) -> LoraLayer:
         if mode:  # keeps ‖W‖² (the base is frozen)
